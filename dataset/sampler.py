@@ -1,0 +1,57 @@
+"""Episodic sampling of N-way K-shot Q-query tasks from a split."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .split import DataError, SplitData
+
+
+@dataclass
+class Task:
+    """One few-shot task. Images in [0, 1]; labels relative (0..way-1), grouped by class."""
+    support_x: torch.Tensor     # [way*shot, C, H, W]
+    support_y: torch.Tensor     # [way*shot]
+    query_x: torch.Tensor       # [way*query, C, H, W]
+    query_y: torch.Tensor       # [way*query]
+    classes: np.ndarray         # absolute class id of each relative label
+
+    def to(self, device) -> "Task":
+        return Task(self.support_x.to(device), self.support_y.to(device),
+                    self.query_x.to(device), self.query_y.to(device), self.classes)
+
+
+def check_episode(data: SplitData, way: int, shot: int, query: int, what: str = "task") -> None:
+    """Fail fast, naming the flags, when a split cannot supply such tasks."""
+    if way > data.num_classes:
+        raise DataError(f"{what}: {way}-way needs {way} classes but {data.spec.name}/{data.split} "
+                        f"has {data.num_classes}; lower the way flag")
+    smallest = min(len(data.indices_of(c)) for c in range(data.num_classes))
+    if shot + query > smallest:
+        raise DataError(f"{what}: {shot} shot + {query} query images per class, but a class of "
+                        f"{data.spec.name}/{data.split} has only {smallest}; lower the shot/query flags")
+
+
+def sample_task(data: SplitData, way: int, shot: int, query: int, rng: np.random.Generator) -> Task:
+    """Draw `way` distinct classes, then `shot` + `query` distinct images of each."""
+    classes = rng.choice(data.num_classes, size=way, replace=False)
+    sup, qur = [], []
+    for c in classes:
+        idx = rng.choice(data.indices_of(int(c)), size=shot + query, replace=False)
+        sup.append(idx[:shot]); qur.append(idx[shot:])
+    rel = torch.arange(way)
+    return Task(data.images(np.concatenate(sup)), rel.repeat_interleave(shot),
+                data.images(np.concatenate(qur)), rel.repeat_interleave(query), classes)
+
+
+def task_rng(seed: int, index: int) -> np.random.Generator:
+    """The generator of task `index` in a seeded sequence: task i is the same whatever the order."""
+    return np.random.default_rng([seed, index])
+
+
+def fixed_tasks(data: SplitData, way: int, shot: int, query: int, n: int, seed: int):
+    """The n evaluation tasks of a seed, lazily; identical across runs and processes."""
+    for i in range(n):
+        yield sample_task(data, way, shot, query, task_rng(seed, i))

@@ -1,0 +1,51 @@
+"""Shared, session-scoped fixtures: a small demo dataset and a small pretrained API pool.
+
+Built once per test session (in a temp dir) so every test file can use them cheaply.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+DEMO_IMAGES_PER_CLASS = 60      # smaller than the default to keep the suite fast
+POOL_SIZE = 3
+POOL_EPOCHS = 8
+
+
+def run_cli(args: list[str], cwd: str = REPO, env_extra: dict | None = None, check: bool = True,
+            timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python <args>` from the repo root; returns the completed process (text output)."""
+    env = dict(os.environ, PYTHONPATH=REPO, **(env_extra or {}))
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> str:
+    """A data root holding the demo dataset (DEMO_IMAGES_PER_CLASS images per class)."""
+    from dataset.demo import ensure_demo
+    root = str(tmp_path_factory.mktemp("DFL2Ldata"))
+    ensure_demo(root, images_per_class=DEMO_IMAGES_PER_CLASS, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_pool(demo_root, tmp_path_factory) -> str:
+    """A pretrained pool of POOL_SIZE conv4 5-way APIs on the demo data; returns the prefix
+    (pass as --pretrained_path_prefix)."""
+    prefix = str(tmp_path_factory.mktemp("pretrained_blackbox"))
+    run_cli(["pretrain.py", "--dataset", "demo", "--pre_backbone", "conv4", "--APInum", str(POOL_SIZE),
+             "--epochs", str(POOL_EPOCHS), "--data_root", demo_root, "--pretrained_path_prefix", prefix,
+             "--seed", "0"])
+    return prefix
