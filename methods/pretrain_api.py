@@ -1,0 +1,389 @@
+"""Pretrain the pool of APIs (DESIGN.md 2.1): each API is a classifier on `way` classes of a
+dataset's meta-train split, later served to meta-training as a black box.
+
+    pool dir = <prefix>/<dataset>/<arch>/meta_train/<way>way/model/
+    API i    = model_specific_<i>.pth (best-validation weights + what they were trained on)
+    summary  = pool.json, [{"index", "classes", "val_acc", "arch", "dataset"}, ...]
+
+The pool is resumable (a finished API is a complete file; files are written under a temporary
+name and renamed) and shardable (under torchrun, rank r trains the APIs i with i % world == r).
+API i's classes and initial weights depend only on (seed, i), whichever process trains it.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import network
+from dataset import DataError, DatasetSpec, get_spec, load_split, normalize, random_crop_flip, train_val_indices
+
+GRAD_CLIP = 50.0
+LR_MILESTONES = (30, 50, 80)    # resnet schedule: lr x LR_GAMMA at these epochs
+LR_GAMMA = 0.2
+EVAL_BATCH = 512
+# Settings that define a pool: an existing API file that differs in any of them belongs to another pool.
+IDENTITY_KEYS = ("dataset", "arch", "way", "classes", "image_size", "channels", "epochs")
+
+
+@dataclass
+class PretrainConfig:
+    dataset: str = "cifar100"
+    arch: str = "conv4"
+    api_num: int = 100
+    way: int = 5
+    prefix: str = "./pretrained_blackbox"
+    data_root: str = "./DFL2Ldata"
+    gpu: int = 0
+    seed: int = 0
+    epochs: int | None = None       # None: spec.pretrain_epochs (60 cifar100/miniimagenet/demo, 100 cub)
+    batch_size: int = 128
+    lr: float | None = None         # None: 0.01 (Adam for conv4, SGD for resnets)
+    workers: int = 0                # threads decoding images (large datasets)
+    tensorboard: bool = True
+
+
+@dataclass
+class Dist:
+    """Where this process sits in a torchrun launch (rank 0 of 1 without torchrun)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @staticmethod
+    def from_env() -> "Dist":
+        env = os.environ
+        return Dist(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+    def owns(self, index: int) -> bool:
+        return index % self.world == self.rank
+
+
+@dataclass
+class APIData:
+    """One API's images, already on the device: train/val in [0, 1], labels relative (0..way-1)."""
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    spec: DatasetSpec = field(repr=False)
+
+
+# ----------------------------------------------------------------------------- paths and seeds
+
+def pool_dir(prefix: str, dataset: str, arch: str, way: int) -> str:
+    """The original's layout, so pools can be shared."""
+    return os.path.join(prefix, dataset, arch, "meta_train", f"{way}way", "model")
+
+
+def api_path(folder: str, index: int) -> str:
+    return os.path.join(folder, f"model_specific_{index}.pth")
+
+
+def api_classes(seed: int, index: int, num_classes: int, way: int) -> list[int]:
+    """The meta-train classes of API `index`: `way` distinct ids, sorted, a function of (seed, index)."""
+    rng = np.random.default_rng([seed, index])
+    return sorted(int(c) for c in rng.choice(num_classes, way, replace=False))
+
+
+def api_torch_seed(seed: int, index: int) -> int:
+    """Seed for API `index`'s initial weights, minibatch order and augmentation."""
+    return int(np.random.SeedSequence([seed, index, 1]).generate_state(1)[0])
+
+
+def resolve_epochs(cfg: PretrainConfig, spec: DatasetSpec) -> int:
+    return spec.pretrain_epochs if cfg.epochs is None else cfg.epochs
+
+
+# ----------------------------------------------------------------------------- device
+
+def pick_device(gpu: int, dist: Dist, say=print) -> torch.device:
+    """cuda:<local rank> under torchrun, cuda:<gpu> otherwise; CPU (said once) without CUDA."""
+    if torch.cuda.is_available():
+        index = dist.local_rank if dist.world > 1 else gpu
+        if not 0 <= index < torch.cuda.device_count():
+            raise SystemExit(f"error: --gpu {index} but only {torch.cuda.device_count()} CUDA device(s) "
+                             f"are visible (0..{torch.cuda.device_count() - 1})")
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    if dist.world > 1:
+        # The processes share the CPU: split its cores instead of oversubscribing them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world))
+    if dist.rank == 0:
+        say("no CUDA device: running on the CPU"
+            + (f" ({dist.world} processes, {torch.get_num_threads()} thread(s) each)" if dist.world > 1 else ""))
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_images(data, indices: np.ndarray, workers: int) -> torch.Tensor:
+    """data.images(indices), decoded by `workers` threads (PIL releases the GIL while decoding)."""
+    if workers <= 1 or len(indices) < 2 * workers:
+        return data.images(indices)
+    chunks = np.array_split(indices, workers)
+    with ThreadPoolExecutor(workers) as ex:
+        return torch.cat(list(ex.map(data.images, chunks)))
+
+
+def api_data(data, classes: list[int], device: torch.device, workers: int = 0) -> APIData:
+    """The images of `classes` (first 80% per class train, last 20% validate), on the device."""
+    tr, trl, va, val = train_val_indices(data, classes)
+    to = lambda a: torch.as_tensor(a).to(device)  # noqa: E731
+    return APIData(load_images(data, tr, workers).to(device), to(trl),
+                   load_images(data, va, workers).to(device), to(val), data.spec)
+
+
+# ----------------------------------------------------------------------------- training one API
+
+def make_optimizer(arch: str, model: nn.Module, lr: float | None):
+    """conv4: Adam(lr 0.01), constant. resnets: SGD(lr 0.01, momentum 0.9, wd 5e-4), x0.2 at 30/50/80."""
+    lr = 0.01 if lr is None else lr
+    if arch == "conv4":
+        return torch.optim.Adam(model.parameters(), lr=lr), None
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(LR_MILESTONES), gamma=LR_GAMMA)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: DatasetSpec) -> float:
+    """Accuracy (percent) of the model in eval mode (running BN statistics) on unaugmented images."""
+    model.eval()
+    correct = 0
+    for b in range(0, len(x), EVAL_BATCH):
+        logits = model(normalize(x[b:b + EVAL_BATCH], spec.mean, spec.std))
+        correct += (logits.argmax(1) == y[b:b + EVAL_BATCH]).sum().item()
+    return 100.0 * correct / max(1, len(x))
+
+
+def train_epoch(model, opt, d: APIData, batch_size: int, gen: torch.Generator) -> float:
+    """One pass over the training images in a random order; returns the mean loss."""
+    model.train()
+    perm = torch.randperm(len(d.train_x), device=d.train_x.device, generator=gen)
+    total, seen = 0.0, 0
+    for b in range(0, len(perm), batch_size):
+        idx = perm[b:b + batch_size]
+        if len(idx) < 2:        # a lone image gives degenerate batch-norm statistics
+            continue
+        x = normalize(random_crop_flip(d.train_x[idx], generator=gen), d.spec.mean, d.spec.std)
+        loss = F.cross_entropy(model(x), d.train_y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        total += loss.item() * len(idx)
+        seen += len(idx)
+    return total / max(1, seen)
+
+
+def train_api(arch: str, way: int, d: APIData, *, epochs: int, batch_size: int, lr: float | None,
+              seed: int, desc: str = "", position: int = 1, writer=None) -> tuple[dict, float, int]:
+    """Train one API; returns (best-validation state dict on the CPU, its accuracy when reloaded, best epoch).
+
+    The best state is a deep copy taken at the best epoch: keeping `model.state_dict()` itself
+    would keep references to the live tensors and silently save the last epoch.
+    """
+    device = d.train_x.device
+    torch.manual_seed(seed)
+    model = network.build(arch, way, channels=d.spec.channels, image_size=d.spec.image_size).to(device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    opt, sched = make_optimizer(arch, model, lr)
+    best_acc, best_epoch, best_state = -1.0, -1, None
+    bar = tqdm(range(epochs), desc=desc, position=position, leave=False, dynamic_ncols=True)
+    for epoch in bar:
+        loss = train_epoch(model, opt, d, batch_size, gen)
+        if sched is not None:
+            sched.step()
+        acc = evaluate(model, d.val_x, d.val_y, d.spec)
+        if acc > best_acc:
+            best_acc, best_epoch = acc, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        bar.set_postfix(loss=f"{loss:.3f}", val=f"{acc:.1f}%", best=f"{best_acc:.1f}%")
+        if writer is not None:
+            writer.add_scalar("loss/train", loss, epoch)
+            writer.add_scalar("acc/val", acc, epoch)
+    bar.close()
+    if best_state is None:      # epochs == 0: the untrained weights are all there is
+        best_state, best_epoch = copy.deepcopy(model.state_dict()), -1
+    model.load_state_dict(best_state)
+    val_acc = evaluate(model, d.val_x, d.val_y, d.spec)     # what the saved weights really score
+    return {k: v.detach().cpu() for k, v in best_state.items()}, val_acc, best_epoch
+
+
+# ----------------------------------------------------------------------------- files
+
+def atomic_save(obj, path: str, saver=torch.save) -> None:
+    """Write `obj` to a temporary name beside `path`, then rename: a crash never leaves a partial file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        saver(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _save_json(obj, path: str) -> None:
+    def dump(o, p):
+        with open(p, "w") as f:
+            json.dump(o, f, indent=1)
+            f.write("\n")
+    atomic_save(obj, path, dump)
+
+
+def read_api_meta(path: str) -> dict:
+    """Everything in an API file but the weights (memory-mapped: the weights are not read)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:      # noqa: BLE001 - any unreadable file gets the same advice
+        raise DataError(f"{path} is not a readable API checkpoint ({type(e).__name__}: {e}); "
+                        "delete it and rerun pretrain.py to retrain it") from None
+    ckpt.pop("state_dict", None)
+    return ckpt
+
+
+def expected_identity(cfg: PretrainConfig, spec: DatasetSpec, index: int) -> dict:
+    return {"dataset": spec.name, "arch": cfg.arch, "way": cfg.way,
+            "classes": api_classes(cfg.seed, index, spec.classes_in("meta_train"), cfg.way),
+            "image_size": spec.image_size, "channels": spec.channels, "epochs": resolve_epochs(cfg, spec)}
+
+
+def check_api_file(path: str, cfg: PretrainConfig, spec: DatasetSpec, index: int) -> dict:
+    """Metadata of an existing API file; raises one clear error if it belongs to another pool."""
+    meta = read_api_meta(path)
+    want = expected_identity(cfg, spec, index)
+    diff = [f"{k} {meta.get(k)!r} (asked: {want[k]!r})" for k in IDENTITY_KEYS if meta.get(k) != want[k]]
+    if diff:
+        hint = " (different classes: another --seed)" if any(d.startswith("classes") for d in diff) else ""
+        raise DataError(f"{path} was trained with other settings: {'; '.join(diff)}{hint}. Pools are never "
+                        f"mixed: pass another --pretrained_path_prefix, or delete {os.path.dirname(path)} "
+                        "to retrain it")
+    return meta
+
+
+def existing_indices(folder: str) -> list[int]:
+    found = []
+    for p in glob.glob(os.path.join(folder, "model_specific_*.pth")):
+        m = re.fullmatch(r"model_specific_(\d+)\.pth", os.path.basename(p))
+        if m:
+            found.append(int(m.group(1)))
+    return sorted(found)
+
+
+def scan_pool(folder: str, cfg: PretrainConfig, spec: DatasetSpec) -> dict[int, dict]:
+    """{index: metadata} of every API file in the folder, each checked against the settings."""
+    return {i: check_api_file(api_path(folder, i), cfg, spec, i) for i in existing_indices(folder)}
+
+
+def summary_rows(metas: dict[int, dict]) -> list[dict]:
+    return [{"index": i, "classes": m["classes"], "val_acc": m["val_acc"], "arch": m["arch"],
+             "dataset": m["dataset"]} for i, m in sorted(metas.items())]
+
+
+def format_table(rows: list[dict]) -> str:
+    """The pool summary printed at the end: one line per API, then mean/min/max accuracy."""
+    lines = [f"{'api':>5}  {'val acc':>8}  classes"]
+    lines += [f"{r['index']:>5}  {r['val_acc']:7.2f}%  {r['classes']}" for r in rows]
+    accs = np.array([r["val_acc"] for r in rows], dtype=float)
+    if len(accs):
+        lines.append(f"{len(accs)} APIs: mean {accs.mean():.2f}%  min {accs.min():.2f}%  max {accs.max():.2f}%")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the pool
+
+def pretrain_one(cfg: PretrainConfig, data, index: int, device: torch.device, dist: Dist,
+                 folder: str, position: int = 1) -> dict:
+    """Train API `index` and write its file; returns the checkpoint metadata."""
+    spec = data.spec
+    ident = expected_identity(cfg, spec, index)
+    t0 = time.time()
+    d = api_data(data, ident["classes"], device, cfg.workers)
+    writer = None
+    if cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(folder, "tensorboard", f"api_{index}"))
+    seed = api_torch_seed(cfg.seed, index)
+    try:
+        state, val_acc, best_epoch = train_api(
+            cfg.arch, cfg.way, d, epochs=ident["epochs"], batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
+            desc=f"api {index}" + (f" [rank {dist.rank}]" if dist.world > 1 else ""), position=position,
+            writer=writer)
+    finally:
+        if writer is not None:
+            writer.close()
+    ckpt = {"state_dict": state, **ident, "val_acc": val_acc, "index": index, "seed": cfg.seed,
+            "best_epoch": best_epoch, "lr": 0.01 if cfg.lr is None else cfg.lr, "batch_size": cfg.batch_size,
+            "num_train": len(d.train_x), "num_val": len(d.val_x),
+            "trained_by": {"rank": dist.rank, "world_size": dist.world, "device": str(device)},
+            "train_seconds": round(time.time() - t0, 2)}
+    atomic_save(ckpt, api_path(folder, index))
+    ckpt.pop("state_dict")
+    return ckpt
+
+
+def wait_for(paths: list[str], poll: float = 2.0) -> None:
+    """Block until every path exists (the other ranks' APIs). If a rank dies, torchrun stops us too."""
+    while True:
+        missing = [p for p in paths if not os.path.exists(p)]
+        if not missing:
+            return
+        time.sleep(poll)
+
+
+def pretrain_pool(cfg: PretrainConfig, dist: Dist | None = None, say=print) -> list[dict] | None:
+    """Train the pool's missing APIs (this rank's share) and, on rank 0, write pool.json.
+
+    Returns the summary rows on rank 0, None on the other ranks.
+    """
+    dist = dist or Dist.from_env()
+    spec = get_spec(cfg.dataset)
+    if cfg.arch not in network.ARCHS:
+        raise SystemExit(f"error: unknown --pre_backbone {cfg.arch!r}; choose one of {', '.join(network.ARCHS)}")
+    if cfg.api_num < 1:
+        raise SystemExit(f"error: --APInum must be at least 1 (got {cfg.api_num})")
+    if cfg.way < 2:
+        raise SystemExit(f"error: --way_pretrain must be at least 2 (got {cfg.way})")
+    data = load_split(cfg.data_root, spec, "meta_train")
+    if data.num_classes < cfg.way:
+        raise DataError(f"{spec.name} meta_train has {data.num_classes} classes, fewer than "
+                        f"--way_pretrain {cfg.way}; lower --way_pretrain or check the split CSV")
+    if data.num_classes != spec.classes_in("meta_train"):
+        raise DataError(f"{spec.name} meta_train has {data.num_classes} classes, expected "
+                        f"{spec.classes_in('meta_train')}; rerun `{spec.filelist_script}`")
+    folder = pool_dir(cfg.prefix, spec.name, cfg.arch, cfg.way)
+    os.makedirs(folder, exist_ok=True)
+    device = pick_device(cfg.gpu, dist, say)
+
+    done = scan_pool(folder, cfg, spec)     # raises before any training if the folder is another pool's
+    mine = [i for i in range(cfg.api_num) if dist.owns(i)]
+    todo = [i for i in mine if i not in done]
+    tag = f"[rank {dist.rank}/{dist.world}] " if dist.world > 1 else ""
+    say(f"{tag}{folder}: {len(mine) - len(todo)} of this process's {len(mine)} API(s) already trained, "
+        f"training {len(todo)} ({cfg.arch}, {cfg.way}-way, {resolve_epochs(cfg, spec)} epochs, {device})")
+    pool_bar = tqdm(todo, desc=f"{tag}pool", position=0, dynamic_ncols=True)
+    for i in pool_bar:
+        meta = pretrain_one(cfg, data, i, device, dist, folder)
+        pool_bar.set_postfix(last=f"api {i}: {meta['val_acc']:.1f}%")
+    pool_bar.close()
+
+    if dist.rank != 0:
+        return None
+    wait_for([api_path(folder, i) for i in range(cfg.api_num)])
+    rows = summary_rows(scan_pool(folder, cfg, spec))
+    _save_json(rows, os.path.join(folder, "pool.json"))
+    say(format_table(rows))
+    say(f"pool of {len(rows)} API(s) in {folder} (summary: pool.json)")
+    return rows
