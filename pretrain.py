@@ -4,8 +4,13 @@
     torchrun --nproc_per_node 4 pretrain.py ...     # rank r trains the APIs i with i % 4 == r
 """
 import argparse
+import os
 
-from methods.pretrain_api import PretrainConfig, pretrain_pool
+# Idle OpenMP threads sleep instead of spinning: on a shared or oversubscribed CPU, spinning made
+# a conv4 API train 7x slower (measured, README). Set before torch loads; export it to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from methods.pretrain_api import PretrainConfig, pretrain_pool  # noqa: E402
 
 
 def parse_args(argv=None) -> PretrainConfig:

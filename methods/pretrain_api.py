@@ -112,9 +112,11 @@ def pick_device(gpu: int, dist: Dist, say=print) -> torch.device:
     """cuda:<local rank> under torchrun, cuda:<gpu> otherwise; CPU (said once) without CUDA."""
     if torch.cuda.is_available():
         index = dist.local_rank if dist.world > 1 else gpu
-        if not 0 <= index < torch.cuda.device_count():
-            raise SystemExit(f"error: --gpu {index} but only {torch.cuda.device_count()} CUDA device(s) "
-                             f"are visible (0..{torch.cuda.device_count() - 1})")
+        n = torch.cuda.device_count()
+        if not 0 <= index < n:
+            what = (f"local rank {index} (one GPU per process)" if dist.world > 1 else f"--gpu {index}")
+            raise SystemExit(f"error: {what} but only {n} CUDA device(s) are visible (0..{n - 1})"
+                             + ("; use --nproc_per_node <= the number of GPUs" if dist.world > 1 else ""))
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     if dist.world > 1:
@@ -188,7 +190,8 @@ def train_epoch(model, opt, d: APIData, batch_size: int, gen: torch.Generator) -
 
 
 def train_api(arch: str, way: int, d: APIData, *, epochs: int, batch_size: int, lr: float | None,
-              seed: int, desc: str = "", position: int = 1, writer=None) -> tuple[dict, float, int]:
+              seed: int, desc: str = "", position: int = 1, show: bool = True,
+              writer=None) -> tuple[dict, float, int]:
     """Train one API; returns (best-validation state dict on the CPU, its accuracy when reloaded, best epoch).
 
     The best state is a deep copy taken at the best epoch: keeping `model.state_dict()` itself
@@ -201,7 +204,7 @@ def train_api(arch: str, way: int, d: APIData, *, epochs: int, batch_size: int, 
     gen.manual_seed(seed)
     opt, sched = make_optimizer(arch, model, lr)
     best_acc, best_epoch, best_state = -1.0, -1, None
-    bar = tqdm(range(epochs), desc=desc, position=position, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(epochs), desc=desc, position=position, leave=False, dynamic_ncols=True, disable=not show)
     for epoch in bar:
         loss = train_epoch(model, opt, d, batch_size, gen)
         if sched is not None:
@@ -266,7 +269,8 @@ def check_api_file(path: str, cfg: PretrainConfig, spec: DatasetSpec, index: int
     want = expected_identity(cfg, spec, index)
     diff = [f"{k} {meta.get(k)!r} (asked: {want[k]!r})" for k in IDENTITY_KEYS if meta.get(k) != want[k]]
     if diff:
-        hint = " (different classes: another --seed)" if any(d.startswith("classes") for d in diff) else ""
+        hint = (f" (it was trained with --seed {meta.get('seed')})"
+                if any(d.startswith("classes") for d in diff) and meta.get("seed") != cfg.seed else "")
         raise DataError(f"{path} was trained with other settings: {'; '.join(diff)}{hint}. Pools are never "
                         f"mixed: pass another --pretrained_path_prefix, or delete {os.path.dirname(path)} "
                         "to retrain it")
@@ -319,8 +323,7 @@ def pretrain_one(cfg: PretrainConfig, data, index: int, device: torch.device, di
     try:
         state, val_acc, best_epoch = train_api(
             cfg.arch, cfg.way, d, epochs=ident["epochs"], batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
-            desc=f"api {index}" + (f" [rank {dist.rank}]" if dist.world > 1 else ""), position=position,
-            writer=writer)
+            desc=f"api {index}", position=position, show=dist.rank == 0, writer=writer)
     finally:
         if writer is not None:
             writer.close()
@@ -365,23 +368,29 @@ def pretrain_pool(cfg: PretrainConfig, dist: Dist | None = None, say=print) -> l
                         f"{spec.classes_in('meta_train')}; rerun `{spec.filelist_script}`")
     folder = pool_dir(cfg.prefix, spec.name, cfg.arch, cfg.way)
     os.makedirs(folder, exist_ok=True)
-    device = pick_device(cfg.gpu, dist, say)
-
     done = scan_pool(folder, cfg, spec)     # raises before any training if the folder is another pool's
+    device = pick_device(cfg.gpu, dist, say)
     mine = [i for i in range(cfg.api_num) if dist.owns(i)]
     todo = [i for i in mine if i not in done]
     tag = f"[rank {dist.rank}/{dist.world}] " if dist.world > 1 else ""
     say(f"{tag}{folder}: {len(mine) - len(todo)} of this process's {len(mine)} API(s) already trained, "
         f"training {len(todo)} ({cfg.arch}, {cfg.way}-way, {resolve_epochs(cfg, spec)} epochs, {device})")
-    pool_bar = tqdm(todo, desc=f"{tag}pool", position=0, dynamic_ncols=True)
+    # Under torchrun only rank 0 draws bars (the others' would garble the terminal); every rank
+    # prints one line per finished API.
+    pool_bar = tqdm(todo, desc=f"{tag}pool", position=0, dynamic_ncols=True, disable=dist.rank != 0)
     for i in pool_bar:
         meta = pretrain_one(cfg, data, i, device, dist, folder)
         pool_bar.set_postfix(last=f"api {i}: {meta['val_acc']:.1f}%")
+        tqdm.write(f"{tag}api {i}: val acc {meta['val_acc']:.2f}% (best epoch {meta['best_epoch'] + 1}"
+                   f"/{meta['epochs']}, {meta['train_seconds']:.1f} s) classes {meta['classes']}")
     pool_bar.close()
 
     if dist.rank != 0:
         return None
-    wait_for([api_path(folder, i) for i in range(cfg.api_num)])
+    others = [api_path(folder, i) for i in range(cfg.api_num)]
+    if not all(os.path.exists(p) for p in others):
+        say(f"{tag}waiting for the other processes' APIs")
+        wait_for(others)
     rows = summary_rows(scan_pool(folder, cfg, spec))
     _save_json(rows, os.path.join(folder, "pool.json"))
     say(format_table(rows))

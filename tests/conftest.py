@@ -8,8 +8,13 @@ import os
 import subprocess
 import sys
 
-import pytest
-import torch
+# OpenMP threads that spin while waiting make every op crawl when the CPU is oversubscribed (a
+# shared CI box: measured 70x slower conv4 backward at load 7 on 2 cores); must be set before torch
+# loads its OpenMP runtime, and subprocesses (the CLI fixtures) inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
