@@ -238,12 +238,12 @@ def atomic_save(obj, path: str, saver=torch.save) -> None:
             os.remove(tmp)
 
 
-def _save_json(obj, path: str) -> None:
+def save_summary(rows: list[dict], path: str) -> None:
+    """pool.json: a JSON list, one API per line."""
     def dump(o, p):
         with open(p, "w") as f:
-            json.dump(o, f, indent=1)
-            f.write("\n")
-    atomic_save(obj, path, dump)
+            f.write("[\n" + ",\n".join(" " + json.dumps(r) for r in o) + "\n]\n")
+    atomic_save(rows, path, dump)
 
 
 def read_api_meta(path: str) -> dict:
@@ -359,6 +359,8 @@ def pretrain_pool(cfg: PretrainConfig, dist: Dist | None = None, say=print) -> l
         raise SystemExit(f"error: --APInum must be at least 1 (got {cfg.api_num})")
     if cfg.way < 2:
         raise SystemExit(f"error: --way_pretrain must be at least 2 (got {cfg.way})")
+    if cfg.batch_size < 2 or (cfg.epochs is not None and cfg.epochs < 1):
+        raise SystemExit(f"error: need --batch_size >= 2 and --epochs >= 1 (got {cfg.batch_size}, {cfg.epochs})")
     data = load_split(cfg.data_root, spec, "meta_train")
     if data.num_classes < cfg.way:
         raise DataError(f"{spec.name} meta_train has {data.num_classes} classes, fewer than "
@@ -377,7 +379,7 @@ def pretrain_pool(cfg: PretrainConfig, dist: Dist | None = None, say=print) -> l
         f"training {len(todo)} ({cfg.arch}, {cfg.way}-way, {resolve_epochs(cfg, spec)} epochs, {device})")
     # Under torchrun only rank 0 draws bars (the others' would garble the terminal); every rank
     # prints one line per finished API.
-    pool_bar = tqdm(todo, desc=f"{tag}pool", position=0, dynamic_ncols=True, disable=dist.rank != 0)
+    pool_bar = tqdm(todo, desc=f"{tag}pool", position=0, dynamic_ncols=True, disable=dist.rank != 0 or not todo)
     for i in pool_bar:
         meta = pretrain_one(cfg, data, i, device, dist, folder)
         pool_bar.set_postfix(last=f"api {i}: {meta['val_acc']:.1f}%")
@@ -392,7 +394,7 @@ def pretrain_pool(cfg: PretrainConfig, dist: Dist | None = None, say=print) -> l
         say(f"{tag}waiting for the other processes' APIs")
         wait_for(others)
     rows = summary_rows(scan_pool(folder, cfg, spec))
-    _save_json(rows, os.path.join(folder, "pool.json"))
+    save_summary(rows, os.path.join(folder, "pool.json"))
     say(format_table(rows))
     say(f"pool of {len(rows)} API(s) in {folder} (summary: pool.json)")
     return rows
