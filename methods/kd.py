@@ -42,7 +42,7 @@ class KDOutcome:
 
 def api_probs(api, x01: torch.Tensor) -> torch.Tensor:
     """The API's class probabilities on images in [0, 1] (normalised with its dataset's stats)."""
-    return api(normalize(x01, api.spec.mean, api.spec.std))
+    return api(normalize(x01, api.spec.mean, api.spec.std)).detach()
 
 
 def kd_task(model: nn.Module, params: Params, api, s: KDSettings, prep: Prep, *,

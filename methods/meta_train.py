@@ -1,0 +1,474 @@
+"""The meta-training loop of BiDf-MKD (DESIGN.md §2.6), its evaluation and its baselines.
+
+    for each meta-batch of episode_batch tasks:
+        each task is an API visit (bi-level KD, methods/kd.py) when the trigger asks for one,
+        else a replay task drawn from the task memory (methods/replay.py);
+        θ <- Adam step on the summed outer losses
+        trigger: a meta-batch whose training accuracy beats the best since the last visit resets
+                 a counter, any other increments it; at generate_interval the next task visits an API
+    every val_interval tasks: evaluate on meta_val and meta_test (fixed tasks); keep the best on meta_val
+    every save_interval tasks: checkpoint (resumable)
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dataset import (MIX_DATASETS, MIX_IMAGE_SIZE, SPECS, DataError, Task, fixed_tasks, get_spec,
+                     load_split, normalize, resize, sample_task)
+from dataset.specs import IMAGENET_MEAN, IMAGENET_STD
+from network import build
+
+from . import run_dir
+from .config import Config, check_flags, default_out_dir, visit_cost
+from .maml import evaluate, meta_params
+from .replay import replay_task
+
+
+# ---------------------------------------------------------------- geometry, device, data
+
+@dataclass(frozen=True)
+class MetaInput:
+    """What the meta model sees: images resized to `size`, normalised with mean/std."""
+    size: int
+    channels: int
+    mean: tuple
+    std: tuple
+
+    def __call__(self, x01: torch.Tensor) -> torch.Tensor:
+        return normalize(resize(x01, self.size), self.mean, self.std)
+
+
+def meta_input(cfg: Config) -> MetaInput:
+    """SS/SH: the dataset's own geometry and statistics. MH: 84x84 with ImageNet statistics for
+    every source (one normalisation, since replayed tasks mix classes of the three datasets)."""
+    if cfg.mh:
+        return MetaInput(MIX_IMAGE_SIZE, 3, IMAGENET_MEAN, IMAGENET_STD)
+    s = get_spec(cfg.dataset)
+    return MetaInput(s.image_size, s.channels, tuple(s.mean), tuple(s.std))
+
+
+def pick_device(cfg: Config) -> torch.device:
+    if torch.cuda.is_available():
+        if cfg.gpu >= torch.cuda.device_count():
+            raise SystemExit(f"error: --gpu {cfg.gpu} but only {torch.cuda.device_count()} CUDA device(s) "
+                             f"are visible (--multigpu {cfg.multigpu}); pick another --gpu")
+        return torch.device(f"cuda:{cfg.gpu}")
+    print("note: no CUDA device available, running on the CPU")
+    return torch.device("cpu")
+
+
+def eval_datasets(cfg: Config) -> list[str]:
+    return list(MIX_DATASETS) if cfg.mh else [cfg.dataset]
+
+
+@dataclass
+class EvalSplit:
+    dataset: str
+    split: str          # meta_val | meta_test
+    data: object        # dataset.SplitData
+
+
+def load_eval_splits(cfg: Config) -> list[EvalSplit]:
+    """meta_val and meta_test of each evaluated dataset, checked against the test-task flags."""
+    out = []
+    for name in eval_datasets(cfg):
+        for split in ("meta_val", "meta_test"):
+            data = load_split(cfg.data_root, get_spec(name), split)
+            check_task_flags(data, cfg.way_test, cfg.num_sup_test, cfg.num_qur_test, "test")
+            out.append(EvalSplit(name, split, data))
+    return out
+
+
+def check_task_flags(data, way: int, shot: int, query: int, kind: str) -> None:
+    """Fail fast, naming the flags, when `data` cannot supply such tasks."""
+    where = f"{data.spec.name}/{data.split}"
+    if way > data.num_classes:
+        raise SystemExit(f"error: --way_{kind} {way} exceeds the {data.num_classes} classes of {where}; "
+                         f"lower --way_{kind}")
+    smallest = min(len(data.indices_of(c)) for c in range(data.num_classes))
+    if shot + query > smallest:
+        raise SystemExit(f"error: --num_sup_{kind} {shot} + --num_qur_{kind} {query} images per class, but a "
+                         f"class of {where} has only {smallest}; lower --num_sup_{kind}/--num_qur_{kind}")
+
+
+class RealTasks:
+    """Tasks from the real meta-train images (baseline maml_real, the upper bound). In MH the
+    three datasets share one label space, as the recovered classes do in the memory."""
+
+    def __init__(self, cfg: Config, size: int):
+        self.splits = [load_split(cfg.data_root, get_spec(n), "meta_train") for n in eval_datasets(cfg)]
+        for d in self.splits:
+            check_task_flags(d, min(cfg.way_train, d.num_classes), cfg.num_sup_train, cfg.num_qur_train, "train")
+        self.owner = np.concatenate([np.full(d.num_classes, i) for i, d in enumerate(self.splits)])
+        self.local = np.concatenate([np.arange(d.num_classes) for d in self.splits])
+        self.size = size
+
+    def can_sample(self, way: int, shot: int, query: int) -> bool:
+        return way <= len(self.owner)
+
+    def sample_task(self, way: int, shot: int, query: int, rng: np.random.Generator) -> Task:
+        classes = rng.choice(len(self.owner), size=way, replace=False)
+        sup, qur = [], []
+        for c in classes:
+            d = self.splits[self.owner[c]]
+            idx = rng.choice(d.indices_of(int(self.local[c])), size=shot + query, replace=False)
+            x = resize(d.images(idx), self.size)
+            sup.append(x[:shot]); qur.append(x[shot:])
+        rel = torch.arange(way)
+        return Task(torch.cat(sup), rel.repeat_interleave(shot), torch.cat(qur), rel.repeat_interleave(query),
+                    classes)
+
+
+# ---------------------------------------------------------------- evaluation
+
+def evaluate_all(model: nn.Module, cfg: Config, splits: list[EvalSplit], prep: MetaInput,
+                 device) -> dict[tuple[str, str], tuple[float, float]]:
+    """{(split, dataset): (acc %, 95% CI)} on the fixed tasks; in MH also (split, 'mean')."""
+    params = meta_params(model)
+    res = {}
+    for s in splits:
+        tasks = fixed_tasks(s.data, cfg.way_test, cfg.num_sup_test, cfg.num_qur_test, cfg.episode_test,
+                            cfg.eval_seed)
+        res[(s.split, s.dataset)] = evaluate(model, params, tasks, cfg.test_inner_update_num, cfg.inner_lr,
+                                             prep, cfg.way_test, device)
+    if cfg.mh:
+        for split in ("meta_val", "meta_test"):
+            accs = [res[(split, d)] for d in MIX_DATASETS]
+            res[(split, "mean")] = (float(np.mean([a for a, _ in accs])),
+                                    float(math.sqrt(sum(c * c for _, c in accs)) / len(accs)))
+    return res
+
+
+def headline(cfg: Config, res: dict, split: str) -> tuple[float, float]:
+    """The figure that stands for a split: its dataset's, or the mean over the three in MH."""
+    return res[(split, "mean" if cfg.mh else cfg.dataset)]
+
+
+# ---------------------------------------------------------------- loop state
+
+@dataclass
+class LoopState:
+    """Everything besides tensors that a resumed run needs to continue exactly."""
+    task: int = 0                   # id of the last finished task
+    visit_next: bool = True         # the first task is an API visit
+    e_count: int = 0                # meta-batches since the best training accuracy (trigger)
+    best_batch_acc: float | None = None
+    api_visits: int = 0
+    api_queries: int = 0            # queries spent (as of the checkpoint)
+    budget_note: bool = False
+    wall_seconds: float = 0.0
+    evals: int = 0
+    best_val: float = -1.0          # model selection on meta_val
+    best_val_ci: float = 0.0
+    best_val_task: int = 0
+    best_val_test: float = -1.0     # meta_test accuracy of that model
+    best_val_test_ci: float = 0.0
+    best_val_res: dict = field(default_factory=dict)
+    best_test: float = -1.0         # the original protocol: best meta_test accuracy seen
+    best_test_ci: float = 0.0
+    best_test_task: int = 0
+    last_res: dict = field(default_factory=dict)
+    train_acc: float = 0.0          # last meta-batch's training accuracy
+
+
+def _crossed(prev: int, now: int, every: int) -> bool:
+    """Did the task counter pass a multiple of `every` in (prev, now]?"""
+    return now // every > prev // every
+
+
+class Trainer:
+    """Owns the run: model, optimiser, task source, outputs. `run()` is the whole loop."""
+
+    def __init__(self, cfg: Config):
+        check_flags(cfg)
+        self.cfg = cfg
+        self.out_dir = default_out_dir(cfg)
+        self.device = pick_device(cfg)
+        self.prep = meta_input(cfg)
+        self.splits = load_eval_splits(cfg)
+        # Everything that can fail on the user's data or pool fails before the run directory is touched.
+        torch.manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.model = build(cfg.backbone, cfg.way_train, channels=self.prep.channels, image_size=self.prep.size,
+                           batch_stats=True, pool="max" if cfg.mh else "flatten").to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.outer_lr)
+        self.pool = self.memory = self.real = None
+        if cfg.baseline == "maml_real":
+            self.real = RealTasks(cfg, self.prep.size)
+        elif cfg.baseline == "none":
+            self._open_pool()
+        resume_from = run_dir.prepare(cfg, self.out_dir)
+        self.finished = resume_from == "finished"
+        if self.finished:
+            return
+        if cfg.resume and resume_from is None:
+            print(f"note: nothing to resume in {self.out_dir}; starting a new run")
+        self.state = LoopState(task=cfg.start_id - 1)
+        if resume_from:
+            self._load(resume_from)
+        self.metrics = run_dir.MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"),
+                                          keep_until_task=self.state.task if resume_from else None)
+        from torch.utils.tensorboard import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(self.out_dir, "tb"), purge_step=self.state.task + 1 if resume_from else None)
+        self.t0 = time.time()
+        self.wall0 = self.state.wall_seconds
+
+    # -- the API pool and the memory
+    def _open_pool(self) -> None:
+        from synthesis.memory import TaskMemory, check_replay_flags
+        from synthesis.pool import APIPool
+        from synthesis.recover import ZOConfig
+        from .kd import KDSettings
+        cfg = self.cfg
+        arch = cfg.pre_backbone
+        problem = check_replay_flags(cfg.num_sup_kd, cfg.num_qur_kd, cfg.num_sup_train, cfg.num_qur_train,
+                                     cfg.max_batch_per_class)
+        if problem:
+            raise SystemExit(f"error: {problem}")
+        # White-box (no --ZO, the ablation): the generator back-propagates through the API.
+        self.pool = APIPool.load(cfg.pretrained_path_prefix, cfg.dataset, arch, cfg.way_pretrain, cfg.APInum,
+                                 self.device, white_box=not cfg.ZO, budget=cfg.query_budget)
+        classes = len(self.pool.classes)
+        if cfg.way_train > classes:
+            raise SystemExit(f"error: --way_train {cfg.way_train} exceeds the {classes} classes the API pool "
+                             f"covers; lower --way_train or pretrain more APIs")
+        if cfg.query_budget is not None and cfg.query_budget < visit_cost(cfg):
+            raise SystemExit(f"error: --query_budget {cfg.query_budget} does not cover one API visit "
+                             f"(~{visit_cost(cfg)} queries with these flags); raise it or lower --generate_iterations/--q")
+        self.memory = TaskMemory(cfg.max_batch_per_class, image_size=self.prep.size)
+        self.kd = KDSettings(cfg.num_sup_kd, cfg.num_qur_kd, cfg.inner_update_num_kd, cfg.inner_lr, cfg.approx,
+                             cfg.generate_iterations, cfg.Glr,
+                             ZOConfig(q=cfg.q, mu=cfg.mu, numsplit=cfg.numsplit) if cfg.ZO else None, cfg.adv)
+
+    def queries(self) -> int:
+        return self.pool.queries if self.pool is not None else 0
+
+    # -- checkpoints
+    def _checkpoint(self) -> dict:
+        self.state.wall_seconds = self.wall0 + time.time() - self.t0
+        st = asdict(self.state)
+        st["api_queries"] = self.queries()
+        ck = {"config": self.cfg.to_dict(), "state": st, "model": self.model.state_dict(),
+              "optimizer": self.optimizer.state_dict(), "numpy_rng": self.rng.bit_generator.state,
+              "torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            ck["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if self.memory is not None:
+            ck["memory"] = self.memory.state_dict()
+            ck["pool"] = self.pool.state_dict()
+        return ck
+
+    def _load(self, path: str) -> None:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.rng.bit_generator.state = ck["numpy_rng"]
+        torch.set_rng_state(ck["torch_rng"])
+        if "cuda_rng" in ck and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["cuda_rng"])
+        if self.memory is not None:
+            self.memory.load_state_dict(ck["memory"])
+            self.pool.load_state_dict(ck["pool"])
+        self.state = LoopState(**ck["state"])
+        print(f"resuming {self.out_dir} after task {self.state.task} "
+              f"({self.state.api_visits} API visits, {self.state.api_queries} queries so far)")
+
+    def save_last(self) -> None:
+        run_dir.atomic_torch_save(self._checkpoint(), os.path.join(self.out_dir, "last.pth"))
+
+    def save_best(self) -> None:
+        run_dir.atomic_torch_save({"config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                                   "task": self.state.task, "val_acc": self.state.best_val,
+                                   "test_acc": self.state.best_val_test},
+                                  os.path.join(self.out_dir, "best.pth"))
+
+    # -- one task
+    def _visit_allowed(self) -> bool:
+        b = self.cfg.query_budget
+        if b is None or self.queries() + visit_cost(self.cfg) <= b:
+            return True
+        if not self.state.budget_note:
+            tqdm.write(f"query budget {b} reached ({self.queries()} spent): no more API visits, replay only")
+            self.state.budget_note = True
+        return False
+
+    def _api_visit(self, task_id: int) -> tuple[torch.Tensor, float]:
+        from .kd import kd_task
+        cfg = self.cfg
+        api = self.pool.draw(self.rng)
+        gen = torch.Generator(device=self.device).manual_seed(int(self.rng.integers(2 ** 62)))
+        boundary = task_id // cfg.episode_batch > cfg.advstartit
+        t = time.time()
+        out = kd_task(self.model, meta_params(self.model), api, self.kd, self.prep, boundary=boundary,
+                      memory=self.memory, generator=gen)
+        self.state.api_visits += 1
+        self.state.visit_next = False
+        tb = self.tb
+        tb.add_scalar("kd/kl_query_before_inner", out.kl_before, task_id)
+        tb.add_scalar("kd/kl_query_after_inner", out.loss.item(), task_id)
+        tb.add_scalar("kd/acc_query", out.acc, task_id)
+        tb.add_scalar("kd/seconds_per_visit", time.time() - t, task_id)
+        tb.add_scalar("api/visits", self.state.api_visits, task_id)
+        tb.add_scalar("api/queries", self.queries(), task_id)
+        self._log_images(out, len(api.classes), task_id)
+        return out.loss, out.acc
+
+    def _log_images(self, out, way: int, task_id: int) -> None:
+        """Recovered support and query images, one row per class (at most 8 per class)."""
+        from torchvision.utils import make_grid
+        for name, (x, _) in (("support", out.support), ("query", out.query)):
+            per = x.shape[0] // way
+            k = min(per, 8)
+            pick = x.view(way, per, *x.shape[1:])[:, :k].reshape(way * k, *x.shape[1:])
+            self.tb.add_image(f"recovered/{name}", make_grid(pick.float().cpu(), nrow=k), task_id)
+
+    def _replay(self) -> tuple[torch.Tensor, float]:
+        cfg = self.cfg
+        source = self.real if self.real is not None else self.memory
+        task = source.sample_task(cfg.way_train, cfg.num_sup_train, cfg.num_qur_train, self.rng).to(self.device)
+        return replay_task(self.model, meta_params(self.model), task, steps=cfg.inner_update_num,
+                           lr=cfg.inner_lr, first_order=cfg.approx, prep=self.prep, way=cfg.way_train,
+                           augment=cfg.replay_augment)
+
+    def _one_task(self, task_id: int) -> tuple[torch.Tensor, float]:
+        cfg = self.cfg
+        if self.real is not None:
+            return self._replay()
+        can_replay = self.memory.can_sample(cfg.way_train, cfg.num_sup_train, cfg.num_qur_train)
+        if (self.state.visit_next or not can_replay) and self._visit_allowed():
+            return self._api_visit(task_id)
+        if not can_replay:
+            raise SystemExit(f"error: the query budget is spent and the task memory cannot yet supply "
+                             f"{cfg.way_train}-way tasks of {cfg.num_sup_train}+{cfg.num_qur_train} images per "
+                             "class; raise --query_budget or lower --way_train/--num_sup_train/--num_qur_train")
+        return self._replay()
+
+    # -- the trigger (DESIGN.md §2.6)
+    def _trigger(self, acc: float) -> None:
+        s = self.state
+        if s.best_batch_acc is None or acc > s.best_batch_acc:
+            s.best_batch_acc, s.e_count = acc, 0
+        else:
+            s.e_count += 1
+            if s.e_count >= self.cfg.generate_interval:
+                s.visit_next, s.e_count, s.best_batch_acc = True, 0, None
+
+    # -- evaluation
+    def _evaluate(self) -> None:
+        cfg, s = self.cfg, self.state
+        t = time.time()
+        res = evaluate_all(self.model, cfg, self.splits, self.prep, self.device)
+        s.evals += 1
+        wall = self.wall0 + time.time() - self.t0
+        for (split, ds), (acc, ci) in res.items():
+            self.metrics.write({"task": s.task, "meta_iter": s.task // cfg.episode_batch, "split": split,
+                                "dataset": ds, "acc": round(acc, 4), "ci": round(ci, 4),
+                                "api_queries": self.queries(), "api_visits": s.api_visits,
+                                "wall_seconds": round(wall, 2)})
+            tag = split if ds in ("mean", cfg.dataset) else f"{split}/{ds}"
+            self.tb.add_scalar(f"eval/{tag}", acc, s.task)
+        val, val_ci = headline(cfg, res, "meta_val")
+        test, test_ci = headline(cfg, res, "meta_test")
+        s.last_res = {f"{k[0]}/{k[1]}": v for k, v in res.items()}
+        if val > s.best_val:
+            s.best_val, s.best_val_ci, s.best_val_task = val, val_ci, s.task
+            s.best_val_test, s.best_val_test_ci = test, test_ci
+            s.best_val_res = dict(s.last_res)
+            self.save_best()
+        if test > s.best_test:
+            s.best_test, s.best_test_ci, s.best_test_task = test, test_ci, s.task
+        self.tb.add_scalar("eval/test_acc_best_on_val", s.best_val_test, s.task)
+        self.tb.add_scalar("eval/test_acc_best_on_test (original protocol)", s.best_test, s.task)
+        self.tb.add_scalar("eval/seconds", time.time() - t, s.task)
+        tqdm.write(f"[task {s.task} | meta-iter {s.task // cfg.episode_batch}] meta_val {val:.2f} ± {val_ci:.2f}"
+                   f"  meta_test {test:.2f} ± {test_ci:.2f}  | best on val: test {s.best_val_test:.2f} "
+                   f"(task {s.best_val_task})  best on test (original protocol): {s.best_test:.2f}"
+                   f"  | visits {s.api_visits} queries {self.queries()}  {wall:.0f}s")
+
+    def summary(self) -> dict:
+        s, cfg = self.state, self.cfg
+        out = {"test_acc": s.best_val_test, "test_ci": s.best_val_test_ci, "val_acc": s.best_val,
+               "val_ci": s.best_val_ci, "best_task": s.best_val_task,
+               "last_test_acc": headline(cfg, _unflat(s.last_res), "meta_test")[0] if s.last_res else None,
+               "test_acc_best_on_test (original protocol)": s.best_test,
+               "test_ci_best_on_test (original protocol)": s.best_test_ci,
+               "best_on_test_task (original protocol)": s.best_test_task,
+               "api_queries": self.queries(), "api_visits": s.api_visits, "tasks": s.task,
+               "tasks_run": s.task - cfg.start_id + 1 if cfg.baseline != "random_init" else 0,
+               "wall_seconds": round(self.wall0 + time.time() - self.t0, 2),
+               "device": str(self.device), "baseline": cfg.baseline}
+        if cfg.mh:
+            out["per_dataset_best_on_val"] = {k: v for k, v in s.best_val_res.items()}
+        return out
+
+    # -- the loop
+    def run(self) -> dict:
+        cfg = self.cfg
+        if self.finished:
+            summary = run_dir.read_json(os.path.join(self.out_dir, "summary.json"))
+            print(f"{self.out_dir} is already finished: test {summary['test_acc']:.2f} ± {summary['test_ci']:.2f}")
+            return summary
+        if cfg.baseline == "random_init":
+            self._evaluate()
+            self.save_last()
+            return self._finish()
+        s = self.state
+        bar = tqdm(total=cfg.episode_train, initial=s.task, unit="task", dynamic_ncols=True, mininterval=1.0)
+        while s.task < cfg.episode_train:
+            prev = s.task
+            n = min(cfg.episode_batch - s.task % cfg.episode_batch, cfg.episode_train - s.task)
+            self.model.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            accs, loss_sum = [], 0.0
+            for _ in range(n):
+                loss, acc = self._one_task(s.task + 1)
+                loss.backward()             # grad of the summed outer loss, one task's graph at a time
+                loss_sum += loss.item()
+                accs.append(acc)
+                s.task += 1
+            self.optimizer.step()
+            s.train_acc = float(np.mean(accs))
+            self._trigger(s.train_acc)
+            self.tb.add_scalar("train/outer_loss", loss_sum, s.task)
+            self.tb.add_scalar("train/acc", s.train_acc, s.task)
+            done = s.task >= cfg.episode_train
+            if _crossed(prev, s.task, cfg.val_interval) or done:
+                self._evaluate()
+            if _crossed(prev, s.task, cfg.save_interval) or done:
+                self.save_last()
+            bar.update(s.task - prev)
+            live = {"acc": f"{s.train_acc:.1f}"}
+            if s.evals:
+                live.update(val=f"{s.best_val:.1f}", test=f"{s.best_val_test:.1f}")
+            if self.pool is not None:
+                live.update(visits=s.api_visits, queries=self.queries())
+            bar.set_postfix(live, refresh=False)
+        bar.close()
+        return self._finish()
+
+    def _finish(self) -> dict:
+        summary = self.summary()
+        run_dir.atomic_json(summary, os.path.join(self.out_dir, "summary.json"))
+        self.tb.close()
+        print(f"done: meta_test {summary['test_acc']:.2f} ± {summary['test_ci']:.2f} (model chosen on meta_val "
+              f"{summary['val_acc']:.2f}); best on test (original protocol) "
+              f"{summary['test_acc_best_on_test (original protocol)']:.2f}; {summary['api_visits']} API visits, "
+              f"{summary['api_queries']} queries, {summary['wall_seconds']:.0f}s -> {self.out_dir}")
+        return summary
+
+
+def _unflat(d: dict) -> dict:
+    return {tuple(k.split("/", 1)): tuple(v) for k, v in d.items()}
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) one meta-training run; returns the summary."""
+    return Trainer(cfg).run()
