@@ -1,5 +1,33 @@
-"""Datasets: specs, prepared splits, episodic sampling, the demo data, batched augmentation."""
-from .specs import SPECS, SPLITS, DatasetSpec, get_spec, MIX_DATASETS, MIX_NUM_CLASSES, MIX_IMAGE_SIZE
-from .split import DataError, SplitData, load_split, train_val_indices, split_csv_path
-from .sampler import Task, sample_task, fixed_tasks, task_rng, check_episode
-from .augment import normalize, random_crop_flip, resize
+"""Datasets: specs, prepared splits, episodic sampling, the demo data, batched augmentation.
+
+Names are imported on first use (PEP 562), so torch-free tools such as the write_*_filelist.py
+scripts (`dataset.filelist`) start without importing torch.
+"""
+import importlib
+
+_HOME = {
+    "SPECS": "specs", "SPLITS": "specs", "DatasetSpec": "specs", "get_spec": "specs",
+    "MIX_DATASETS": "specs", "MIX_NUM_CLASSES": "specs", "MIX_IMAGE_SIZE": "specs",
+    "DataError": "errors",
+    "SplitData": "split", "load_split": "split", "train_val_indices": "split", "split_csv_path": "split",
+    "Task": "sampler", "sample_task": "sampler", "fixed_tasks": "sampler", "task_rng": "sampler",
+    "check_episode": "sampler",
+    "normalize": "augment", "random_crop_flip": "augment", "resize": "augment",
+}
+_SUBMODULES = ("specs", "errors", "split", "sampler", "augment", "demo", "filelist")
+__all__ = list(_HOME)
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_HOME) | set(_SUBMODULES))

@@ -15,14 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import DataError
 from .specs import SPLITS, DatasetSpec
-
-
-class DataError(SystemExit):
-    """A problem with the user's data, reported as one line (no traceback)."""
-
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
 
 
 def split_csv_path(data_root: str, spec: DatasetSpec, split: str) -> str:
