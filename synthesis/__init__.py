@@ -1,0 +1,7 @@
+"""Black-box data recovery: the API wrapper and pool, the zero-order estimator, generator
+inversion and the task memory (DESIGN.md 2.2, 2.3, 2.5)."""
+from .api import BlackBoxAPI, QueryBudgetExceeded, QueryMeter, inference_forward, load_api
+from .memory import TaskMemory, check_replay_flags
+from .pool import APIPool
+from .recover import ZOConfig, recover, save_grid
+from .zo import surrogate, zo_grad

@@ -1,0 +1,258 @@
+"""The black-box boundary (DESIGN.md 2.2): an API is something you can query, nothing more.
+
+`BlackBoxAPI` turns a pretrained classifier into a function normalized images -> class
+probabilities. In black-box mode the forward runs without autograd, so no gradient can ever
+reach the weights or flow back to the caller; every queried image is counted, and an optional
+budget stops the run with one clear line. The model itself lives only inside a closure: the
+object has no `.model`, no `.parameters()`, no `state_dict()`.
+
+Because the zero-order estimator spends (q + 1) queries per image per step, the simulated API's
+forward is the hot path. `inference_forward` prepares a frozen copy of the model that computes
+the same function faster: batch-norm folded into the preceding convolutions (eval statistics),
+channels-last activations and cache-sized micro-batches on the CPU, optionally torch.compile.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dataset.specs import DatasetSpec
+
+# Images per forward call on the CPU: the activations of a micro-batch stay in the core's cache.
+# Measured on the 2-core Xeon used for bench/zo_step.py (conv4, 32x32); see bench/RESULTS.md.
+CPU_MICRO_BATCH = 128
+
+
+class QueryBudgetExceeded(SystemExit):
+    """The API query budget is spent (one line, no traceback when uncaught)."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+@dataclass
+class QueryMeter:
+    """Queries counted across the APIs of a pool (per API key and in total) and the shared budget."""
+    budget: int | None = None
+    total: int = 0
+    per_api: dict[str, int] = field(default_factory=dict)
+
+    def charge(self, key: str, n: int) -> None:
+        if self.budget is not None and self.total + n > self.budget:
+            raise QueryBudgetExceeded(
+                f"API query budget of {self.budget} images exceeded ({self.total} spent, this call asks "
+                f"{n} more); raise the budget or lower --generate_iterations/--q")
+        self.total += n
+        self.per_api[key] = self.per_api.get(key, 0) + n
+
+
+# ----------------------------------------------------------------------------- fast inference
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of `model` (eval mode) with every BatchNorm that directly follows a convolution folded
+    into that convolution's weight and bias: W' = W * g / sqrt(v + eps), b' = (b - m) * g / sqrt(v + eps) + beta.
+
+    Traces with torch.fx (handles Sequential, ResNet blocks, any graph); falls back to folding
+    Conv2d -> BatchNorm2d pairs inside nn.Sequential containers when tracing fails.
+    """
+    model = copy.deepcopy(model).eval()
+    try:
+        from torch.fx.experimental.optimization import fuse
+        return fuse(model, inplace=True)
+    except Exception:   # noqa: BLE001 - untraceable model: fold what the containers show
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+        for mod in model.modules():
+            if isinstance(mod, nn.Sequential):
+                for i in range(len(mod) - 1):
+                    if isinstance(mod[i], nn.Conv2d) and isinstance(mod[i + 1], nn.BatchNorm2d) \
+                            and mod[i + 1].track_running_stats:
+                        mod[i] = fuse_conv_bn_eval(mod[i], mod[i + 1])
+                        mod[i + 1] = nn.Identity()
+        return model
+
+
+def inference_forward(model: nn.Module, device, *, grad: bool = False, mkldnn: bool | None = None,
+                      channels_last: bool | None = None, micro_batch: int | None = -1, compile: bool = False,
+                      fold_bn: bool = True, example: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function images -> logits equal (to float tolerance) to `model.eval()(images)`, made for speed.
+
+    grad: the caller needs gradients with respect to the images (white-box API); the weights are
+        frozen either way (requires_grad False), so no gradient ever accumulates into them.
+    mkldnn: run the folded network on oneDNN tensors end to end (no layout changes between layers,
+        pooling without index bookkeeping). Default: on a CPU with oneDNN, without grad; used only if
+        the network converts and matches the dense forward on `example`, else the dense path.
+    channels_last: NHWC activations for the dense path (default: on the CPU).
+    micro_batch: images per internal forward (-1: CPU_MICRO_BATCH on the CPU, whole batch on CUDA;
+        None: never split). Splitting a batch is exact: every image is computed on its own.
+    compile: torch.compile the folded dense network (off by default: on the 2-core CPU it costs ~30 s of
+        compilation and was not faster, bench/RESULTS.md); any failure falls back to eager, one warning line.
+    fold_bn: False keeps the batch-norm layers (for comparisons only).
+    example: a small batch of inputs, used to check the oneDNN path and to trigger compilation.
+    """
+    device = torch.device(device)
+    net = (fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()).to(device)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    cpu = device.type == "cpu"
+    if micro_batch == -1:
+        micro_batch = CPU_MICRO_BATCH if cpu else None
+    if channels_last is None:
+        channels_last = cpu
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    fn: Callable = net
+
+    if mkldnn is None:
+        mkldnn = cpu and not grad and not compile and example is not None and torch.backends.mkldnn.is_available()
+    if mkldnn and cpu and not grad:
+        try:    # quietly: torch.fx prints the failing line of an unsupported op before raising
+            with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+                warnings.simplefilter("ignore")
+                from torch.utils import mkldnn as mkldnn_utils
+                mk = mkldnn_utils.to_mkldnn(copy.deepcopy(net).to(memory_format=torch.contiguous_format))
+                mk_fn = lambda x: mk(x.to_mkldnn()).to_dense()     # noqa: E731
+                with torch.inference_mode():
+                    ex = example.to(device)
+                    if torch.allclose(mk_fn(ex.contiguous()), net(_layout(ex, channels_last)), rtol=1e-4, atol=1e-5):
+                        fn, channels_last = mk_fn, False
+        except Exception:   # noqa: BLE001 - an op without a oneDNN kernel (e.g. ResNet's mean over H, W)
+            pass
+    elif compile:
+        try:
+            compiled = torch.compile(net)
+            if example is not None:
+                with torch.no_grad():
+                    compiled(_layout(example.to(device), channels_last))
+            fn = compiled
+        except Exception as e:  # noqa: BLE001 - no compiler / unsupported backend: eager is correct too
+            print(f"warning: torch.compile unavailable for the API forward ({type(e).__name__}); "
+                  "running eager", file=sys.stderr)
+
+    if fn is not net and not compile:   # oneDNN path: to_mkldnn reads any layout, no copy first
+        channels_last = None
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x = _layout(x, channels_last)
+        if micro_batch is None or x.shape[0] <= micro_batch:
+            return fn(x)
+        return torch.cat([fn(c) for c in x.split(micro_batch)])
+    return forward
+
+
+def _layout(x: torch.Tensor, channels_last: bool | None) -> torch.Tensor:
+    if channels_last is None:
+        return x
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+# ----------------------------------------------------------------------------- the wrapper
+
+class BlackBoxAPI:
+    """A pretrained classifier seen as a black box: normalized images [B, C, S, S] -> probabilities [B, way].
+
+    classes: absolute class id of each output (in the run's label space; API-MH adds the dataset's
+        label_offset). spec: the API's dataset (image size, channels, mean/std for `dataset.normalize`).
+    queries: images queried through this API. budget: the query budget of its meter (None: no limit).
+    white_box=True (ablation without --ZO only): the returned probabilities are differentiable with
+    respect to the input images; the weights stay frozen and hidden either way.
+    """
+
+    def __init__(self, model: nn.Module, classes, spec: DatasetSpec, arch: str, *, device="cpu",
+                 white_box: bool = False, budget: int | None = None, meter: QueryMeter | None = None,
+                 key: str | None = None, compile: bool = False, micro_batch: int | None = -1,
+                 channels_last: bool | None = None, fold_bn: bool = True, mkldnn: bool | None = None):
+        self.classes = [int(c) for c in classes]
+        self.spec = spec
+        self.arch = arch
+        self.device = torch.device(device)
+        self.white_box = white_box
+        self.key = key or f"{spec.name}/{arch}/{id(self)}"
+        self._meter = meter if meter is not None else QueryMeter(budget=budget)
+        self.timing = False             # benchmarks: accumulate the forward's wall time (syncs CUDA)
+        self.forward_seconds = 0.0
+        example = torch.randn(4, spec.channels, spec.image_size, spec.image_size,
+                              generator=torch.Generator().manual_seed(0))
+        # The only reference to the network is this closure's cell: nothing public leads to a weight.
+        self.__logits = inference_forward(model, self.device, grad=white_box, mkldnn=mkldnn, compile=compile,
+                                          micro_batch=micro_batch, channels_last=channels_last, fold_bn=fold_bn,
+                                          example=example)
+
+    @property
+    def way(self) -> int:
+        return len(self.classes)
+
+    @property
+    def queries(self) -> int:
+        return self._meter.per_api.get(self.key, 0)
+
+    @property
+    def budget(self) -> int | None:
+        return self._meter.budget
+
+    def _check(self, x: torch.Tensor) -> None:
+        s, c = self.spec.image_size, self.spec.channels
+        if x.dim() != 4 or tuple(x.shape[1:]) != (c, s, s):
+            raise ValueError(f"API of {self.spec.name} takes normalized images [B, {c}, {s}, {s}], "
+                             f"got {tuple(x.shape)}")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """p(y | x) for each image: softmax of the hidden model's logits. Counts x.shape[0] queries."""
+        self._check(x)
+        self._meter.charge(self.key, x.shape[0])
+        x = x.to(self.device)
+        t0 = time.perf_counter() if self.timing else 0.0
+        if self.white_box:
+            probs = F.softmax(self.__logits(x), dim=1)
+        else:
+            with torch.inference_mode():
+                probs = F.softmax(self.__logits(x.detach()), dim=1)
+            probs = probs.clone()   # a normal tensor again (inference tensors cannot join autograd later)
+        if self.timing:
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            self.forward_seconds += time.perf_counter() - t0
+        return probs
+
+    def __repr__(self) -> str:
+        mode = "white-box" if self.white_box else "black-box"
+        return (f"BlackBoxAPI({self.key}, {mode}, classes={self.classes}, queries={self.queries}"
+                + (f", budget={self.budget}" if self.budget is not None else "") + ")")
+
+
+def load_api(path: str, device="cpu", *, label_offset: int = 0, white_box: bool = False,
+             meter: QueryMeter | None = None, budget: int | None = None, compile: bool = False,
+             expect: dict | None = None) -> BlackBoxAPI:
+    """Open one API checkpoint (pretrain.py's format: state_dict, classes, arch, dataset, way, ...).
+
+    label_offset is added to its class ids (API-MH). `expect` ({"arch": .., "dataset": .., "way": ..})
+    must match the file, else one error line.
+    """
+    import network
+    from dataset import DataError
+    from dataset.specs import get_spec
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:      # noqa: BLE001
+        raise DataError(f"{path} is not a readable API checkpoint ({type(e).__name__}: {e}); delete it and "
+                        "rerun pretrain.py to retrain it") from None
+    for k, v in (expect or {}).items():
+        if ckpt.get(k) != v:
+            raise DataError(f"{path} holds {k} {ckpt.get(k)!r}, expected {v!r}: the file belongs to another "
+                            "pool; pass the right --pretrained_path_prefix or retrain it with pretrain.py")
+    spec = get_spec(ckpt["dataset"])
+    model = network.build(ckpt["arch"], ckpt["way"], channels=ckpt.get("channels", spec.channels),
+                          image_size=ckpt.get("image_size", spec.image_size))
+    model.load_state_dict(ckpt["state_dict"])
+    key = f"{ckpt['dataset']}/{ckpt['arch']}/{ckpt.get('index', path)}"
+    return BlackBoxAPI(model, [c + label_offset for c in ckpt["classes"]], spec, ckpt["arch"], device=device,
+                       white_box=white_box, meter=meter, budget=budget, key=key, compile=compile)

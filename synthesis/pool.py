@@ -1,0 +1,193 @@
+"""The pool of black-box APIs and the three scenarios' draw rules (DESIGN.md 1, 2.6).
+
+    API-SS  --dataset D   --pre_backbone A    a random API of D/A
+    API-SH  --dataset D   --pre_backbone mix  a random arch among conv4/resnet10/resnet18, then an API
+    API-MH  --dataset mix --pre_backbone mix  a random dataset among cifar100/miniimagenet/cub, a random
+                                              arch, then an API; its classes are moved into the shared
+                                              228-class space (cifar 0-63, mini 64-127, cub 128-227)
+
+Pools are read lazily: opening a pool reads only each file's metadata (memory-mapped, the
+weights stay on disk); an API's weights are loaded when it is drawn and a few recently drawn
+APIs are kept ready (an LRU cache), so pools of hundreds of APIs never sit in memory at once.
+Query counts live in one shared meter, so they survive eviction and the budget spans the pool.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dataset import DataError
+from dataset.specs import MIX_DATASETS, get_spec
+
+from .api import BlackBoxAPI, QueryMeter, load_api
+
+ARCHS = ("conv4", "resnet10", "resnet18")
+
+
+def pool_dir(prefix: str, dataset: str, arch: str, way: int) -> str:
+    """<prefix>/<dataset>/<arch>/meta_train/<way>way/model (the layout pretrain.py writes)."""
+    return os.path.join(prefix, dataset, arch, "meta_train", f"{way}way", "model")
+
+
+def api_files(folder: str) -> dict[int, str]:
+    """{index: path} of the model_specific_<index>.pth files in a pool folder."""
+    found = {}
+    for p in glob.glob(os.path.join(folder, "model_specific_*.pth")):
+        m = re.fullmatch(r"model_specific_(\d+)\.pth", os.path.basename(p))
+        if m:
+            found[int(m.group(1))] = p
+    return dict(sorted(found.items()))
+
+
+@dataclass(frozen=True)
+class APIEntry:
+    """What the pool knows about an API without loading its weights."""
+    dataset: str
+    arch: str
+    index: int
+    path: str
+    classes: tuple[int, ...]    # absolute ids in the run's label space (MH: offset added)
+    val_acc: float | None
+
+
+def _read_entry(path: str, dataset: str, arch: str, way: int, index: int, offset: int) -> APIEntry:
+    try:
+        meta = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:      # noqa: BLE001
+        raise DataError(f"{path} is not a readable API checkpoint ({type(e).__name__}: {e}); delete it and "
+                        "rerun pretrain.py to retrain it") from None
+    for k, want in (("dataset", dataset), ("arch", arch), ("way", way)):
+        if meta.get(k) != want:
+            raise DataError(f"{path} holds {k} {meta.get(k)!r}, expected {want!r}: the file belongs to another "
+                            "pool; pass the right --pretrained_path_prefix or retrain it with pretrain.py")
+    return APIEntry(dataset, arch, index, path, tuple(int(c) + offset for c in meta["classes"]),
+                    meta.get("val_acc"))
+
+
+def pretrain_command(prefix: str, dataset: str, arch: str, way: int, api_num: int) -> str:
+    return (f"python pretrain.py --dataset {dataset} --pre_backbone {arch} --pretrained_path_prefix {prefix} "
+            f"--way_pretrain {way} --APInum {api_num}")
+
+
+class APIPool:
+    """Draws APIs by the scenario's rules. Build with APIPool.load(...)."""
+
+    def __init__(self, groups: dict[tuple[str, str], list[APIEntry]], device, *, mix: bool,
+                 white_box: bool = False, budget: int | None = None, cache_size: int = 8,
+                 compile: bool = False):
+        self.groups = groups
+        self.datasets = sorted({d for d, _ in groups}, key=lambda d: (d not in MIX_DATASETS, d))
+        self.archs = sorted({a for _, a in groups}, key=ARCHS.index)
+        self.mix = mix
+        self.device = torch.device(device)
+        self.white_box = white_box
+        self.compile = compile
+        self.meter = QueryMeter(budget=budget)
+        self.cache_size = max(1, cache_size)
+        self._cache: OrderedDict[tuple[str, str, int], BlackBoxAPI] = OrderedDict()
+
+    # -- opening
+    @classmethod
+    def load(cls, prefix: str, dataset: str, arch: str, way: int, api_num: int, device,
+             white_box: bool = False, budget: int | None = None, *, cache_size: int = 8,
+             compile: bool = False, say=None) -> "APIPool":
+        """Open the pool(s) a scenario needs. dataset 'mix' (API-MH) implies every arch is mixed too.
+
+        Uses the first `api_num` APIs (by index) of each dataset/arch folder; when a folder holds fewer,
+        uses those and says so once. A missing folder is one error naming the pretrain.py command.
+        """
+        say = say or (lambda m: print(m, file=sys.stderr))
+        mix = dataset == "mix"
+        datasets = list(MIX_DATASETS) if mix else [dataset]
+        archs = list(ARCHS) if (arch == "mix" or mix) else [arch]
+        if api_num < 1:
+            raise SystemExit(f"error: --APInum must be at least 1, got {api_num}")
+        groups, missing = {}, []
+        for d in datasets:
+            spec = get_spec(d)
+            offset = spec.label_offset if mix else 0
+            for a in archs:
+                if a not in ARCHS:
+                    raise SystemExit(f"error: unknown --pre_backbone {a!r}; choose one of "
+                                     f"{', '.join(ARCHS)} or mix")
+                folder = pool_dir(prefix, d, a, way)
+                files = api_files(folder)
+                if not files:
+                    missing.append((folder, pretrain_command(prefix, d, a, way, api_num)))
+                    continue
+                use = list(files.items())[:api_num]
+                if len(use) < api_num:
+                    say(f"note: --APInum {api_num} but {folder} holds {len(use)} API(s); using those {len(use)}")
+                groups[(d, a)] = [_read_entry(p, d, a, way, i, offset) for i, p in use]
+        if missing:
+            where = " and ".join(f for f, _ in missing)
+            how = "; then ".join(f"`{c}`" for _, c in missing)
+            raise DataError(f"no pretrained APIs in {where}; make them with {how} "
+                            "(or pass the right --pretrained_path_prefix)")
+        return cls(groups, device, mix=mix, white_box=white_box, budget=budget, cache_size=cache_size,
+                   compile=compile)
+
+    # -- what is in it
+    @property
+    def apis(self) -> list[APIEntry]:
+        """Every API of the pool (metadata only; draw() or get() gives a queryable API)."""
+        return [e for g in self.groups.values() for e in g]
+
+    @property
+    def classes(self) -> list[int]:
+        """Sorted absolute class ids the pool covers."""
+        return sorted({c for e in self.apis for c in e.classes})
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self.groups.values())
+
+    @property
+    def queries(self) -> int:
+        """Images queried across all APIs of the pool."""
+        return self.meter.total
+
+    # -- drawing
+    def draw(self, rng: np.random.Generator) -> BlackBoxAPI:
+        """A random API: SS one group; SH a random arch first; MH a random dataset, then arch."""
+        d = self.datasets[int(rng.integers(len(self.datasets)))]
+        archs = [a for a in self.archs if (d, a) in self.groups]
+        a = archs[int(rng.integers(len(archs)))]
+        entries = self.groups[(d, a)]
+        return self._open(entries[int(rng.integers(len(entries)))])
+
+    def get(self, dataset: str, arch: str, index: int) -> BlackBoxAPI:
+        """The API model_specific_<index> of one dataset/arch folder."""
+        for e in self.groups.get((dataset, arch), []):
+            if e.index == index:
+                return self._open(e)
+        have = [e.index for e in self.groups.get((dataset, arch), [])]
+        raise SystemExit(f"error: no API {index} for {dataset}/{arch} in this pool (indices {have[:5]}"
+                         f"{'...' if len(have) > 5 else ''})")
+
+    def _open(self, e: APIEntry) -> BlackBoxAPI:
+        key = (e.dataset, e.arch, e.index)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        spec_offset = get_spec(e.dataset).label_offset if self.mix else 0
+        api = load_api(e.path, self.device, label_offset=spec_offset, white_box=self.white_box,
+                       meter=self.meter, compile=self.compile)
+        self._cache[key] = api
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return api
+
+    # -- resume
+    def state_dict(self) -> dict:
+        return {"total": self.meter.total, "per_api": dict(self.meter.per_api)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.meter.total = int(state["total"])
+        self.meter.per_api = dict(state["per_api"])

@@ -1,0 +1,150 @@
+"""Data recovery from one API by generator inversion (DESIGN.md 2.3).
+
+A freshly initialised generator G and latent codes z ~ N(0, I) are optimised jointly, Adam(lr,
+betas (0.5, 0.999)), so that the API assigns G(z_i) to its target class:
+
+    x = G(z);  x~ = random_crop_flip(x);  l_i = CE(API(normalize(x~_i)), y_i)  [- adv m_i D(API(x~_i), f(x~_i))]
+
+Black-box (zo given): dl/dx~ is estimated with zo_grad and handed to G and z through the
+surrogate <x~, stopgrad(g)>. White-box (zo None, ablation): plain autograd through the API.
+Each image keeps the step at which its own loss l_i on the unperturbed batch was lowest.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import network
+from dataset.augment import random_crop_flip
+
+from .zo import surrogate, zo_grad
+
+EPS = 1e-12     # keeps log p finite when the API is certain
+
+
+@dataclass
+class ZOConfig:
+    q: int = 100            # random directions per image per step
+    mu: float = 0.005       # smoothing radius of the finite differences
+    numsplit: int = 5       # chunks the q*B perturbed images are queried in (fewer: faster, more memory)
+
+
+def per_image_loss(probs: torch.Tensor, target: torch.Tensor, student_logits: torch.Tensor | None = None,
+                   adv: float = 0.0, distance: str = "l1") -> torch.Tensor:
+    """CE(p, y) - adv * m * D(p, softmax(student)), per image; m = 1 where both predict the same class.
+
+    D: 'l1' = sum |p - s| (black-box path), 'kl' = KL(p || s) (white-box path).
+    """
+    loss = -torch.log(probs.gather(1, target[:, None]).squeeze(1) + EPS)
+    if student_logits is not None and adv > 0:
+        s_logp = F.log_softmax(student_logits, dim=1)
+        agree = (probs.argmax(1) == s_logp.argmax(1)).to(probs.dtype)
+        if distance == "l1":
+            dist = (probs - s_logp.exp()).abs().sum(1)
+        else:
+            dist = (probs * (torch.log(probs + EPS) - s_logp)).sum(1)
+        loss = loss - adv * agree * dist
+    return loss
+
+
+def affine_normalizer(mean, std, image_size: int, device):
+    """x -> (x - mean) / std per channel as one fused multiply-add, x * (1/std) + (-mean/std):
+    dataset.normalize up to float rounding, one pass over the q*B perturbed images instead of two.
+    The per-channel factors are expanded to full channels-last planes, which vectorises best."""
+    scale = 1.0 / torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    shift = -torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) * scale
+    plane = lambda t: t.expand(1, -1, image_size, image_size).contiguous(memory_format=torch.channels_last)  # noqa: E731
+    scale, shift = plane(scale), plane(shift)
+    return lambda x: torch.addcmul(shift, x, scale)
+
+
+def recover(api, per_class: int, *, steps: int, lr: float = 1e-3, zo: ZOConfig | None = None,
+            student=None, adv: float = 0.0, nz: int = 256, generator: torch.Generator | None = None,
+            progress: bool = False, stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recover `per_class` images for each of the API's classes.
+
+    api: BlackBoxAPI (or anything with .spec, .classes, .device and __call__ on normalized images).
+    student: images in [0, 1] -> logits [B, way], the fixed adapted meta model f_theta'; used when adv > 0.
+    generator: torch.Generator on the API's device for z, augmentation and ZO directions
+        (the generator network's initial weights come from the global RNG).
+    stats: if a dict is given, filled with {"best_loss": mean of the kept images' losses, "final_loss"}.
+    Returns (images [way*per_class, C, S, S] in [0, 1], pre-augmentation; relative labels, grouped by class).
+    """
+    spec, way = api.spec, len(api.classes)
+    device = torch.device(getattr(api, "device", "cpu"))
+    n = way * per_class
+    target = torch.arange(way, device=device).repeat_interleave(per_class)
+    use_student = student is not None and adv > 0
+
+    G = network.build("generator", image_size=spec.image_size, channels=spec.channels, nz=nz).to(device)
+    G.reset()
+    G.train()
+    if device.type == "cpu":
+        G = G.to(memory_format=torch.channels_last)     # oneDNN convolutions (and their backward) prefer NHWC
+    norm = affine_normalizer(spec.mean, spec.std, spec.image_size, device)
+    z = torch.randn(n, nz, device=device, generator=generator).requires_grad_()
+    params = [*G.parameters(), z]
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
+
+    def loss_of(x01: torch.Tensor) -> torch.Tensor:
+        """Black-box loss of k stacked copies of the batch (copy-major), per image."""
+        k = x01.shape[0] // n
+        probs = api(norm(x01))
+        s_logits = student(x01) if use_student else None
+        return per_image_loss(probs, target.repeat(k), s_logits, adv, "l1")
+
+    best_loss = torch.full((n,), float("inf"), device=device)
+    best_x = torch.zeros(n, spec.channels, spec.image_size, spec.image_size, device=device)
+    loss = best_loss
+    it = range(steps)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc=f"recover {spec.name}/{getattr(api, 'arch', '?')}", leave=False)
+    for _ in it:
+        x = G(z)
+        xa = random_crop_flip(x, generator=generator)
+        if zo is not None:
+            xin = xa.detach()
+            if device.type == "cpu":
+                xin = xin.contiguous(memory_format=torch.channels_last)   # perturb in the API's layout
+            g, loss = zo_grad(loss_of, xin, zo.q, zo.mu, zo.numsplit, generator=generator)
+            objective = surrogate(xa, g)
+        else:
+            probs = api(norm(xa))
+            s_logits = student(xa) if use_student else None
+            per_img = per_image_loss(probs, target, s_logits, adv, "kl")
+            objective, loss = per_img.mean(), per_img.detach()
+        with torch.no_grad():
+            better = loss < best_loss
+            best_loss = torch.where(better, loss, best_loss)
+            best_x[better] = x.detach()[better]
+        # autograd.grad, not backward(): nothing outside G and z (e.g. a student's graph) gets gradients.
+        grads = torch.autograd.grad(objective, params)
+        for p, gp in zip(params, grads):
+            p.grad = gp
+        opt.step()
+        if progress:
+            it.set_postfix(loss=f"{loss.mean().item():.3f}")
+    if stats is not None:
+        stats["best_loss"] = best_loss.mean().item()
+        stats["final_loss"] = loss.mean().item()
+    return best_x, target
+
+
+def save_grid(images: torch.Tensor, path: str, per_class: int) -> None:
+    """Save images as one picture, one row per class (`per_class` images each); atomic write."""
+    from torchvision.utils import save_image
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    ext = {"jpg": "jpeg", "tif": "tiff"}.get(ext, ext)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        save_image(images.detach().float().cpu(), tmp, nrow=per_class, padding=2, format=ext)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
