@@ -63,7 +63,8 @@ def parse_args(argv=None) -> Config:
     g.add_argument("--query_budget", type=int, default=None, help="total API queries allowed (default: no limit)")
     g.add_argument("--replay_augment", action="store_true", help="random crop/flip of replayed images")
     g = p.add_argument_group("zero-order optimisation")
-    g.add_argument("--ZO", action="store_true", help="black box: zero-order gradient estimates")
+    g.add_argument("--ZO", action=argparse.BooleanOptionalAction, default=False,
+                   help="black box: zero-order gradient estimates (--no-ZO: white-box ablation)")
     g.add_argument("--mu", type=float, default=D.mu, help="smoothing radius")
     g.add_argument("--q", type=int, default=D.q, help="random directions per image")
     g.add_argument("--numsplit", type=int, default=D.numsplit, help="chunks the perturbed queries are sent in")

@@ -220,6 +220,7 @@ class Trainer:
         self.tb = SummaryWriter(os.path.join(self.out_dir, "tb"), purge_step=self.state.task + 1 if resume_from else None)
         self.t0 = time.time()
         self.wall0 = self.state.wall_seconds
+        self.saved_task = self.state.task if resume_from else None
 
     # -- the API pool and the memory
     def _open_pool(self) -> None:
@@ -282,6 +283,7 @@ class Trainer:
               f"({self.state.api_visits} API visits, {self.state.api_queries} queries so far)")
 
     def save_last(self) -> None:
+        self.saved_task = self.state.task
         run_dir.atomic_torch_save(self._checkpoint(), os.path.join(self.out_dir, "last.pth"))
 
     def save_best(self) -> None:
@@ -406,7 +408,7 @@ class Trainer:
                "wall_seconds": round(self.wall0 + time.time() - self.t0, 2),
                "device": str(self.device), "baseline": cfg.baseline}
         if cfg.mh:
-            out["per_dataset_best_on_val"] = {k: v for k, v in s.best_val_res.items()}
+            out["per_dataset_best_on_val"] = {k: {"acc": v[0], "ci": v[1]} for k, v in s.best_val_res.items()}
         return out
 
     # -- the loop
@@ -420,14 +422,23 @@ class Trainer:
             self._evaluate()
             self.save_last()
             return self._finish()
-        s = self.state
+        try:
+            self._loop()
+        except KeyboardInterrupt:
+            kept = (f"the checkpoint of task {self.saved_task} in {self.out_dir} is kept: add --resume to continue "
+                    "from it") if self.saved_task is not None else "no checkpoint was written yet"
+            raise SystemExit(f"interrupted during task {self.state.task + 1}; {kept}") from None
+        return self._finish()
+
+    def _loop(self) -> None:
+        cfg, s = self.cfg, self.state
         bar = tqdm(total=cfg.episode_train, initial=s.task, unit="task", dynamic_ncols=True, mininterval=1.0)
         while s.task < cfg.episode_train:
             prev = s.task
             n = min(cfg.episode_batch - s.task % cfg.episode_batch, cfg.episode_train - s.task)
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
-            accs, loss_sum = [], 0.0
+            accs, loss_sum, t_batch = [], 0.0, time.time()
             for _ in range(n):
                 loss, acc = self._one_task(s.task + 1)
                 loss.backward()             # grad of the summed outer loss, one task's graph at a time
@@ -439,6 +450,7 @@ class Trainer:
             self._trigger(s.train_acc)
             self.tb.add_scalar("train/outer_loss", loss_sum, s.task)
             self.tb.add_scalar("train/acc", s.train_acc, s.task)
+            self.tb.add_scalar("train/seconds_per_meta_batch", time.time() - t_batch, s.task)
             done = s.task >= cfg.episode_train
             if _crossed(prev, s.task, cfg.val_interval) or done:
                 self._evaluate()
@@ -452,7 +464,6 @@ class Trainer:
                 live.update(visits=s.api_visits, queries=self.queries())
             bar.set_postfix(live, refresh=False)
         bar.close()
-        return self._finish()
 
     def _finish(self) -> dict:
         summary = self.summary()
