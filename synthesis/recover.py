@@ -73,6 +73,9 @@ def recover(api, per_class: int, *, steps: int, lr: float = 1e-3, zo: ZOConfig |
     stats: if a dict is given, filled with {"best_loss": mean of the kept images' losses, "final_loss"}.
     Returns (images [way*per_class, C, S, S] in [0, 1], pre-augmentation; relative labels, grouped by class).
     """
+    if zo is None and not getattr(api, "white_box", True):
+        raise ValueError("white-box recovery (zo=None) needs an API opened with white_box=True; "
+                         "a black-box API only supports zo=ZOConfig(...)")
     spec, way = api.spec, len(api.classes)
     device = torch.device(getattr(api, "device", "cpu"))
     n = way * per_class

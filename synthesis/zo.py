@@ -33,7 +33,8 @@ def zo_grad(loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, q:
         perturbation of x[r % B] (so per-image targets are `targets.repeat(k)`).
     generator: torch.Generator on x's device for the directions (None: the global RNG).
     directions: optional [q, B, *x.shape[1:]] raw Gaussian directions (normalised here); for tests
-        and reproducibility: the result then depends on numsplit only through float rounding.
+        and reproducibility: the result then depends on numsplit only through float rounding (which
+        the finite differences amplify by d / (q mu): compare float64 runs for exactness).
         When drawn here, chunk c draws its directions with one randn call in the order of x's memory
         layout (a channels-last batch gets channels-last perturbations, no copy before the API).
         On the CPU the generator's stream is consumed element by element, so the same seed gives
@@ -55,9 +56,10 @@ def zo_grad(loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, q:
         from_flat = lambda t: t.view(-1, *shape)                            # noqa: E731
     xf = to_flat(x)                                              # [B, d] (a view for contiguous x)
 
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.no_grad():
-        loss0 = loss_of(x).reshape(b).float()                       # L(x): B queries
-        grad = torch.zeros(b, d, dtype=torch.float32, device=x.device)
+        loss0 = loss_of(x).reshape(b).to(acc)                       # L(x): B queries
+        grad = torch.zeros(b, d, dtype=acc, device=x.device)
         for j0, j1 in _chunks(q, numsplit):
             n = j1 - j0
             if directions is None:
@@ -67,9 +69,9 @@ def zo_grad(loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, q:
                 u = u.clone()
             inv_norm = u.norm(dim=2, keepdim=True).reciprocal_()   # u / |u| is uniform on the sphere
             xs = torch.addcmul(xf.unsqueeze(0), u, inv_norm, value=mu)    # x + mu * u_unit
-            loss = loss_of(from_flat(xs.view(n * b, d))).reshape(n, b).float()    # n*B queries
+            loss = loss_of(from_flat(xs.view(n * b, d))).reshape(n, b).to(acc)    # n*B queries
             del xs
-            coef = (loss - loss0).div_(mu).unsqueeze(2).mul_(inv_norm)    # [(L(x+mu u)-L(x))/mu] / |u|
+            coef = (loss - loss0).div_(mu).unsqueeze(2).mul_(inv_norm).to(u.dtype)  # [(L(x+mu u)-L(x))/mu] / |u|
             grad += u.mul_(coef).sum(0)                             # sum_j coef_j * u_j, in place
             del u
         grad.mul_(d / q)
