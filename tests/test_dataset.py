@@ -1,0 +1,163 @@
+"""Dataset access: the demo dataset, the split reader, the per-class train/val split, the sampler."""
+from __future__ import annotations
+
+import csv
+import filecmp
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DEMO_IMAGES_PER_CLASS, run_cli
+from dataset import (DataError, check_episode, fixed_tasks, get_spec, load_split, sample_task, task_rng,
+                     train_val_indices)
+from dataset.demo import COLOURS, SHAPES, TEXTURES, class_table, ensure_demo
+
+SPEC = get_spec("demo")
+
+
+# ----------------------------------------------------------------------------- the demo dataset
+
+def test_demo_layout(demo_root):
+    folder = os.path.join(demo_root, "demo")
+    for split, n_classes in zip(("meta_train", "meta_val", "meta_test"), (64, 16, 20)):
+        classes = sorted(os.listdir(os.path.join(folder, split)))
+        assert len(classes) == n_classes
+        assert all(len(os.listdir(os.path.join(folder, split, c))) == DEMO_IMAGES_PER_CLASS for c in classes)
+        data = load_split(demo_root, SPEC, split)
+        assert data.class_names == classes and data.num_classes == n_classes
+        assert len(data.files) == n_classes * DEMO_IMAGES_PER_CLASS
+        x = data.images([0, len(data.files) - 1])
+        assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+        assert x.std() > 0.05                                            # not blank
+    meta = json.load(open(os.path.join(folder, "demo.json")))
+    assert meta["images_per_class"] == DEMO_IMAGES_PER_CLASS and meta["seed"] == 0
+    assert meta["classes"] == {"meta_train": 64, "meta_val": 16, "meta_test": 20}
+
+
+def test_demo_classes_are_new_combinations_of_shared_parts():
+    """Every colour, shape and texture occurs in meta_train; classes are distinct combinations."""
+    table = class_table()
+    assert len(set(table)) == 100
+    train = table[:64]
+    assert {c for c, _, _ in train} == set(COLOURS)
+    assert {s for _, s, _ in train} == set(SHAPES)
+    assert {t for _, _, t in train} == set(TEXTURES)
+
+
+def test_demo_is_deterministic(tmp_path):
+    a = ensure_demo(str(tmp_path / "a"), images_per_class=3, seed=5, progress=False)
+    b = ensure_demo(str(tmp_path / "b"), images_per_class=3, seed=5, progress=False)
+    c = ensure_demo(str(tmp_path / "c"), images_per_class=3, seed=6, progress=False)
+    rel = "meta_test/" + sorted(os.listdir(os.path.join(a, "meta_test")))[0] + "/0002.png"
+    assert filecmp.cmp(os.path.join(a, rel), os.path.join(b, rel), shallow=False)
+    assert not filecmp.cmp(os.path.join(a, rel), os.path.join(c, rel), shallow=False)
+    for split in ("meta_train", "meta_val", "meta_test"):
+        csv_a = open(os.path.join(a, "split", f"{split}.csv")).read()
+        assert csv_a == open(os.path.join(b, "split", f"{split}.csv")).read()
+        assert csv_a == open(os.path.join(c, "split", f"{split}.csv")).read()   # same classes, files
+    # Same request again: no-op (files untouched); another size: regenerated in place.
+    mtime = os.path.getmtime(os.path.join(a, rel))
+    assert ensure_demo(str(tmp_path / "a"), progress=False) == a
+    assert ensure_demo(str(tmp_path / "a"), images_per_class=3, seed=5, progress=False) == a
+    assert os.path.getmtime(os.path.join(a, rel)) == mtime
+    ensure_demo(str(tmp_path / "a"), images_per_class=2, progress=False)
+    assert json.load(open(os.path.join(a, "demo.json")))["images_per_class"] == 2
+    assert len(os.listdir(os.path.join(a, "meta_val", os.listdir(os.path.join(a, "meta_val"))[0]))) == 2
+    assert sorted(os.listdir(tmp_path / "a")) == [".demo.lock", "demo"]            # no temp leftovers
+
+
+def test_interrupted_generation_is_not_mistaken_for_a_dataset(tmp_path, monkeypatch):
+    import dataset.demo as demo
+    calls = []
+
+    def boom(*args, **kw):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+    real = demo.class_scenes
+    monkeypatch.setattr(demo, "class_scenes", boom)
+    with pytest.raises(KeyboardInterrupt):
+        demo.ensure_demo(str(tmp_path), images_per_class=100, progress=False)
+    assert not os.path.exists(tmp_path / "demo")          # the partial output stays under a temp name
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".demo.tmp")]
+    monkeypatch.setattr(demo, "class_scenes", real)
+    demo.ensure_demo(str(tmp_path), images_per_class=2, progress=False)
+    assert len(load_split(str(tmp_path), SPEC, "meta_val").files) == 32
+    assert sorted(os.listdir(tmp_path)) == [".demo.lock", "demo"]            # stale temp folder removed
+
+
+def test_demo_cli(tmp_path):
+    proc = run_cli(["-m", "dataset.demo", "--data_root", str(tmp_path), "--images_per_class", "2",
+                    "--seed", "1"])
+    assert "meta_test" in proc.stdout
+    rows = list(csv.DictReader(open(tmp_path / "demo" / "split" / "meta_test.csv")))
+    assert len(rows) == 40 and rows[0]["filename"].startswith("demo/meta_test/c080_")
+    assert all(os.path.isfile(tmp_path / r["filename"]) for r in rows)
+    proc = run_cli(["-m", "dataset.demo", "--data_root", str(tmp_path), "--images_per_class", "0"], check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().startswith("error:")
+
+
+# ----------------------------------------------------------------------------- split reader, 80/20 split
+
+def test_train_val_indices(demo_root):
+    data = load_split(demo_root, SPEC, "meta_train")
+    classes = [3, 17, 40]
+    tr, trl, va, val = train_val_indices(data, classes)
+    n = DEMO_IMAGES_PER_CLASS
+    assert len(tr) == 3 * int(0.8 * n) and len(va) == 3 * (n - int(0.8 * n))
+    assert set(trl.tolist()) == set(val.tolist()) == {0, 1, 2}           # relative labels
+    assert not set(tr) & set(va)
+    for rel, c in enumerate(classes):
+        idx = data.indices_of(c)
+        assert tr[trl == rel].tolist() == idx[:int(0.8 * n)].tolist()     # first 80% of the class trains
+        assert (data.labels[va[val == rel]] == c).all()
+
+
+def test_missing_split_is_one_line_error(tmp_path):
+    with pytest.raises(DataError, match="write_cifar100_filelist.py") as e:
+        load_split(str(tmp_path), get_spec("cifar100"), "meta_train")
+    assert str(e.value.code).startswith("error:") and "\n" not in str(e.value.code)
+
+
+# ----------------------------------------------------------------------------- sampler
+
+def test_sample_task(demo_root):
+    data = load_split(demo_root, SPEC, "meta_test")
+    way, shot, query = 5, 2, 3
+    task = sample_task(data, way, shot, query, np.random.default_rng(0))
+    assert task.support_x.shape == (way * shot, 3, 32, 32) and task.query_x.shape == (way * query, 3, 32, 32)
+    assert task.support_y.tolist() == [c for c in range(way) for _ in range(shot)]   # grouped, relative
+    assert task.query_y.tolist() == [c for c in range(way) for _ in range(query)]
+    assert len(set(task.classes.tolist())) == way                                   # distinct classes
+    # The images really belong to the class their relative label names, and support != query.
+    for rel, c in enumerate(task.classes):
+        imgs = data.images(data.indices_of(int(c)))
+        for x in torch.cat([task.support_x[task.support_y == rel], task.query_x[task.query_y == rel]]):
+            assert (imgs == x).all(dim=(1, 2, 3)).sum() == 1
+    sup = task.support_x.flatten(1)
+    assert not any((sup == q).all(1).any() for q in task.query_x.flatten(1))
+
+
+def test_sampler_is_reproducible(demo_root):
+    data = load_split(demo_root, SPEC, "meta_val")
+    t1 = sample_task(data, 5, 1, 2, task_rng(3, 7))
+    t2 = sample_task(data, 5, 1, 2, task_rng(3, 7))
+    t3 = sample_task(data, 5, 1, 2, task_rng(3, 8))
+    assert np.array_equal(t1.classes, t2.classes) and torch.equal(t1.query_x, t2.query_x)
+    assert not (np.array_equal(t1.classes, t3.classes) and torch.equal(t1.query_x, t3.query_x))
+    a = [t.classes.tolist() for t in fixed_tasks(data, 5, 1, 1, 4, seed=0)]
+    b = [t.classes.tolist() for t in fixed_tasks(data, 5, 1, 1, 4, seed=0)]
+    assert a == b and len({tuple(c) for c in a}) > 1
+
+
+def test_check_episode(demo_root):
+    data = load_split(demo_root, SPEC, "meta_val")       # 16 classes
+    check_episode(data, 16, 1, DEMO_IMAGES_PER_CLASS - 1)
+    with pytest.raises(DataError, match="17-way"):
+        check_episode(data, 17, 1, 1, "meta-test")
+    with pytest.raises(DataError, match="shot"):
+        check_episode(data, 5, 5, DEMO_IMAGES_PER_CLASS)

@@ -1,0 +1,87 @@
+"""Networks: forward shapes for 32/84 inputs and 1/3 channels; the meta model under functional_call."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import network
+
+
+@pytest.mark.parametrize("size", [32, 84])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("name,kw", [
+    ("conv4", {}),
+    ("conv4", {"pool": "max"}),
+    ("conv4", {"batch_stats": True}),
+    ("resnet10", {}),
+    ("resnet18", {}),
+])
+def test_classifier_shapes(name, kw, size, channels):
+    torch.manual_seed(0)
+    model = network.build(name, 5, channels=channels, image_size=size, **kw)
+    out = model(torch.rand(3, channels, size, size))
+    assert out.shape == (3, 5) and torch.isfinite(out).all()
+
+
+def test_conv4_max_pool_accepts_any_size():
+    """The API-MH meta model sees 84x84 images but must also take other sizes (global max pool)."""
+    model = network.build("conv4", 7, image_size=84, pool="max", batch_stats=True)
+    for size in (32, 84, 50):
+        assert model(torch.rand(2, 3, size, size)).shape == (2, 7)
+    flat = network.build("conv4", 7, image_size=84)
+    with pytest.raises(RuntimeError):       # the flatten head is tied to its image size
+        flat(torch.rand(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("size", [32, 84])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_generator_shapes(size, channels):
+    torch.manual_seed(0)
+    g = network.build("generator", image_size=size, channels=channels, nz=256)
+    x = g(torch.randn(4, 256))
+    assert x.shape == (4, channels, size, size)
+    assert x.min() >= 0 and x.max() <= 1                 # sigmoid output: images in [0, 1]
+    before = [p.detach().clone() for p in g.parameters()]
+    g.reset()
+    assert any(not torch.equal(a, b) for a, b in zip(before, g.parameters()))   # fresh weights
+
+
+def test_unknown_architecture_is_one_line_error():
+    with pytest.raises(SystemExit, match="unknown architecture"):
+        network.build("vgg", 5)
+
+
+@pytest.mark.parametrize("size,pool", [(32, "flatten"), (84, "max")])
+def test_meta_model_functional_call(size, pool):
+    torch.manual_seed(0)
+    model = network.build("conv4", 5, image_size=size, pool=pool, batch_stats=True)
+    assert list(model.buffers()) == []                  # a pure function of its parameters
+    x, y = torch.rand(10, 3, size, size), torch.arange(5).repeat(2)
+    params = dict(model.named_parameters())
+    out = functional_call(model, params, (x,))
+    assert torch.allclose(out, model(x), atol=1e-6)
+    model.eval()                                         # batch statistics in eval mode too (transductive)
+    assert torch.allclose(functional_call(model, params, (x,)), out, atol=1e-6)
+
+    loss = torch.nn.functional.cross_entropy(out, y)
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+    assert all(g is not None and g.shape == p.shape for g, p in zip(grads, params.values()))
+
+    # One inner SGD step on a params dict changes the output, and the outer gradient flows back
+    # through that step to the original parameters (second-order MAML).
+    fast = {k: p - 0.1 * g for (k, p), g in zip(params.items(), grads)}
+    out2 = functional_call(model, fast, (x,))
+    assert not torch.allclose(out2, out)
+    outer = torch.autograd.grad(torch.nn.functional.cross_entropy(out2, y), params["head.weight"])[0]
+    assert torch.isfinite(outer).all() and outer.abs().sum() > 0
+
+
+def test_api_batch_norm_uses_running_statistics_in_eval():
+    """APIs (batch_stats=False) answer each image independently of the rest of the batch."""
+    torch.manual_seed(0)
+    api = network.build("conv4", 5, image_size=32)
+    api(torch.rand(16, 3, 32, 32))                       # train mode: updates the running stats
+    api.eval()
+    x = torch.rand(4, 3, 32, 32)
+    assert torch.allclose(api(x)[:1], api(x[:1]), atol=1e-5)
