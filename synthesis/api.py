@@ -68,7 +68,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     model = copy.deepcopy(model).eval()
     try:
         from torch.fx.experimental.optimization import fuse
-        return fuse(model, inplace=True)
+        return pool_before_relu(fuse(model, inplace=True))
     except Exception:   # noqa: BLE001 - untraceable model: fold what the containers show
         from torch.nn.utils.fusion import fuse_conv_bn_eval
         for mod in model.modules():
@@ -79,6 +79,29 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
                         mod[i] = fuse_conv_bn_eval(mod[i], mod[i + 1])
                         mod[i + 1] = nn.Identity()
         return model
+
+
+def pool_before_relu(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Rewrite ReLU -> MaxPool2d as MaxPool2d -> ReLU: exact (max commutes with the monotone ReLU),
+    and the ReLU then touches a quarter of the values."""
+    mods = dict(gm.named_modules())
+    changed = False
+    for relu in list(gm.graph.nodes):
+        if relu.op != "call_module" or not isinstance(mods.get(relu.target), nn.ReLU) or len(relu.users) != 1:
+            continue
+        pool = next(iter(relu.users))
+        if pool.op != "call_module" or not isinstance(mods.get(pool.target), nn.MaxPool2d) or pool.args[0] is not relu:
+            continue
+        src = relu.args[0]
+        pool.replace_all_uses_with(relu)
+        pool.args = (src, *pool.args[1:])
+        relu.args = (pool,)
+        relu.prepend(pool)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return gm
 
 
 def inference_forward(model: nn.Module, device, *, grad: bool = False, mkldnn: bool | None = None,

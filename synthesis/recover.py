@@ -53,11 +53,12 @@ def per_image_loss(probs: torch.Tensor, target: torch.Tensor, student_logits: to
 def affine_normalizer(mean, std, image_size: int, device):
     """x -> (x - mean) / std per channel as one fused multiply-add, x * (1/std) + (-mean/std):
     dataset.normalize up to float rounding, one pass over the q*B perturbed images instead of two.
-    The per-channel factors are expanded to full channels-last planes, which vectorises best."""
+    On the CPU the per-channel factors are expanded to full channels-last planes, which vectorises best."""
     scale = 1.0 / torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     shift = -torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) * scale
-    plane = lambda t: t.expand(1, -1, image_size, image_size).contiguous(memory_format=torch.channels_last)  # noqa: E731
-    scale, shift = plane(scale), plane(shift)
+    if torch.device(device).type == "cpu":
+        plane = lambda t: t.expand(1, -1, image_size, image_size).contiguous(memory_format=torch.channels_last)  # noqa: E731
+        scale, shift = plane(scale), plane(shift)
     return lambda x: torch.addcmul(shift, x, scale)
 
 
@@ -123,7 +124,7 @@ def recover(api, per_class: int, *, steps: int, lr: float = 1e-3, zo: ZOConfig |
         with torch.no_grad():
             better = loss < best_loss
             best_loss = torch.where(better, loss, best_loss)
-            best_x[better] = x.detach()[better]
+            best_x = torch.where(better[:, None, None, None], x.detach(), best_x)
         # autograd.grad, not backward(): nothing outside G and z (e.g. a student's graph) gets gradients.
         grads = torch.autograd.grad(objective, params)
         for p, gp in zip(params, grads):
@@ -134,7 +135,7 @@ def recover(api, per_class: int, *, steps: int, lr: float = 1e-3, zo: ZOConfig |
     if stats is not None:
         stats["best_loss"] = best_loss.mean().item()
         stats["final_loss"] = loss.mean().item()
-    return best_x, target
+    return best_x.contiguous(), target
 
 
 def save_grid(images: torch.Tensor, path: str, per_class: int) -> None:
