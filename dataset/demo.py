@@ -314,6 +314,25 @@ def ensure_demo(data_root: str, images_per_class: int | None = None, seed: int |
     return folder
 
 
+def preview(folder: str, path: str, n_classes: int = 10, per_class: int = 10, zoom: int = 2) -> None:
+    """A picture of the dataset: one row per class (evenly spaced over all classes), named."""
+    from PIL import ImageDraw
+    names = class_names()
+    rows = [names[round(i * (len(names) - 1) / max(1, n_classes - 1))] for i in range(n_classes)]
+    cell, label = SIZE * zoom, 165
+    sheet = Image.new("RGB", (label + per_class * cell, n_classes * cell), "white")
+    pen = ImageDraw.Draw(sheet)
+    for r, name in enumerate(rows):
+        class_dir = os.path.join(folder, split_of_class(int(name[1:4])), name)
+        files = sorted(os.listdir(class_dir))[:per_class]
+        pen.text((6, r * cell + cell // 2 - 6), name, fill="black")
+        for c, f in enumerate(files):
+            img = Image.open(os.path.join(class_dir, f)).convert("RGB").resize((cell, cell), Image.NEAREST)
+            sheet.paste(img, (label + c * cell, r * cell))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sheet.save(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Generate the demo dataset (CIFAR-FS shaped, 64/16/20 classes of "
                                             "32x32 RGB images) with its split CSVs.")
@@ -321,11 +340,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images_per_class", type=int, default=None,
                    help=f"images per class (default {DEFAULT_IMAGES_PER_CLASS}, or what is already there)")
     p.add_argument("--seed", type=int, default=None, help="image seed (default 0, or what is already there)")
+    p.add_argument("--preview", default=None, metavar="PNG", help="also save a picture of 10 classes here")
     args = p.parse_args(argv)
     folder = ensure_demo(args.data_root, args.images_per_class, args.seed)
     with open(os.path.join(folder, "demo.json")) as f:
         meta = json.load(f)
-    print(f"{folder}: {meta['classes']} classes, {meta['images_per_class']} images per class, seed {meta['seed']}")
+    print(f"{folder}: {'/'.join(str(meta['classes'][s]) for s in SPLITS)} classes "
+          f"({', '.join(SPLITS)}), {meta['images_per_class']} images per class, seed {meta['seed']}")
+    if args.preview:
+        preview(folder, args.preview)
+        print(f"preview: {args.preview}")
 
 
 if __name__ == "__main__":
