@@ -92,8 +92,10 @@ def test_interrupted_generation_is_not_mistaken_for_a_dataset(tmp_path, monkeypa
 
 def test_demo_cli(tmp_path):
     proc = run_cli(["-m", "dataset.demo", "--data_root", str(tmp_path), "--images_per_class", "2",
-                    "--seed", "1"])
-    assert "meta_test" in proc.stdout
+                    "--seed", "1", "--preview", str(tmp_path / "preview.png")])
+    assert "64/16/20 classes" in proc.stdout
+    from PIL import Image
+    assert Image.open(tmp_path / "preview.png").size[1] == 10 * 32 * 2          # 10 classes, zoom 2
     rows = list(csv.DictReader(open(tmp_path / "demo" / "split" / "meta_test.csv")))
     assert len(rows) == 40 and rows[0]["filename"].startswith("demo/meta_test/c080_")
     assert all(os.path.isfile(tmp_path / r["filename"]) for r in rows)
