@@ -29,6 +29,9 @@ def parse_args(argv=None) -> Config:
     g.add_argument("--baseline", default=D.baseline, choices=("none", "random_init", "maml_real"),
                    help="random_init: evaluate the untrained meta model; maml_real: MAML on the real "
                         "meta-train images (upper bound)")
+    g.add_argument("--evaluate", default=None, metavar="CHECKPOINT",
+                   help="only evaluate the meta model saved in CHECKPOINT (a run's best.pth; 'random': an untrained one) "
+                        "on meta_test with the test-task flags (e.g. a 1-shot-trained model on 5-shot tasks), then stop")
     g = p.add_argument_group("tasks (memory replay and evaluation)")
     for k, h in (("way_train", "classes per meta-training task"), ("num_sup_train", "support shots (training)"),
                  ("num_qur_train", "query images per class (training)"), ("way_test", "classes per test task"),

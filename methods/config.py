@@ -13,7 +13,7 @@ META_ARCHS = ("conv4", "resnet10", "resnet18")
 API_ARCHS = ("conv4", "resnet10", "resnet18", "mix")
 
 # Keys that may change between a run and its --resume without changing its results.
-RUNTIME_KEYS = ("multigpu", "gpu", "resume", "overwrite", "out_dir", "data_root", "pretrained_path_prefix")
+RUNTIME_KEYS = ("multigpu", "evaluate", "gpu", "resume", "overwrite", "out_dir", "data_root", "pretrained_path_prefix")
 
 
 @dataclass
@@ -71,6 +71,7 @@ class Config:
     numsplit: int = 5
     # baselines
     baseline: str = "none"          # none | random_init | maml_real
+    evaluate: str | None = None     # evaluate a saved meta model (a run's best.pth; 'random': untrained) on meta_test
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,6 +89,8 @@ def from_dict(d: dict) -> Config:
 def run_name(cfg: Config) -> str:
     """runs/<name>: the flags that tell runs apart."""
     shots = f"{cfg.way_train}w{cfg.num_sup_train}s"
+    if cfg.evaluate:
+        return f"eval_{cfg.dataset}_{cfg.way_test}w{cfg.num_sup_test}s_{'random' if cfg.evaluate == 'random' else os.path.basename(os.path.dirname(os.path.abspath(cfg.evaluate)))}"
     if cfg.baseline != "none":
         return f"{cfg.baseline}_{cfg.dataset}_{cfg.backbone}_{shots}_seed{cfg.seed}"
     grad = f"ZO_q{cfg.q}_mu{cfg.mu}" if cfg.ZO else "whitebox"
@@ -147,6 +150,8 @@ def check_flags(cfg: Config) -> None:
               "head must cover an API's classes; raise --way_train")
     if cfg.query_budget is not None and cfg.query_budget < 1:
         _fail(f"--query_budget must be positive, got {cfg.query_budget}")
+    if cfg.evaluate and cfg.evaluate != "random" and not os.path.isfile(cfg.evaluate):
+        _fail(f"--evaluate {cfg.evaluate}: no such checkpoint; pass a run's best.pth or last.pth")
     if cfg.resume and cfg.overwrite:
         _fail("--resume and --overwrite contradict each other; pass one")
     classes = 228 if cfg.mh else SPECS[cfg.dataset].num_classes[0]

@@ -140,7 +140,7 @@ def evaluate_all(model: nn.Module, cfg: Config, splits: list[EvalSplit], prep: M
         res[(s.split, s.dataset)] = evaluate(model, params, tasks, cfg.test_inner_update_num, cfg.inner_lr,
                                              prep, cfg.way_test, device)
     if cfg.mh:
-        for split in ("meta_val", "meta_test"):
+        for split in dict.fromkeys(s.split for s in splits):
             accs = [res[(split, d)] for d in MIX_DATASETS]
             res[(split, "mean")] = (float(np.mean([a for a, _ in accs])),
                                     float(math.sqrt(sum(c * c for _, c in accs)) / len(accs)))
@@ -201,7 +201,11 @@ class Trainer:
                            batch_stats=True, pool="max" if cfg.mh else "flatten").to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.outer_lr)
         self.pool = self.memory = self.real = None
-        if cfg.baseline == "maml_real":
+        if cfg.evaluate:
+            if cfg.evaluate != "random":        # 'random': the untrained meta model of --seed
+                self._load_meta_model(cfg.evaluate)
+            self.splits = [s for s in self.splits if s.split == "meta_test"]
+        elif cfg.baseline == "maml_real":
             self.real = RealTasks(cfg, self.prep.size)
         elif cfg.baseline == "none":
             self._open_pool()
@@ -221,6 +225,15 @@ class Trainer:
         self.t0 = time.time()
         self.wall0 = self.state.wall_seconds
         self.saved_task = self.state.task if resume_from else None
+
+    def _load_meta_model(self, path: str) -> None:
+        """Weights of a saved meta model (best.pth or last.pth of a run with the same geometry)."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+            self.model.load_state_dict(state)
+        except (KeyError, RuntimeError, OSError, EOFError) as e:
+            raise SystemExit(f"error: --evaluate {path} is not a meta-model checkpoint of this geometry "
+                             f"(--backbone/--way_train/--dataset): {str(e).splitlines()[0]}") from None
 
     # -- the API pool and the memory
     def _open_pool(self) -> None:
@@ -418,6 +431,8 @@ class Trainer:
             summary = run_dir.read_json(os.path.join(self.out_dir, "summary.json"))
             print(f"{self.out_dir} is already finished: test {summary['test_acc']:.2f} ± {summary['test_ci']:.2f}")
             return summary
+        if cfg.evaluate:
+            return self._evaluate_only()
         if cfg.baseline == "random_init":
             self._evaluate()
             self.save_last()
@@ -464,6 +479,26 @@ class Trainer:
                 live.update(visits=s.api_visits, queries=self.queries())
             bar.set_postfix(live, refresh=False)
         bar.close()
+
+    def _evaluate_only(self) -> dict:
+        """--evaluate: meta_test accuracy of a saved model (selection already happened on meta_val)."""
+        cfg = self.cfg
+        t = time.time()
+        res = evaluate_all(self.model, cfg, self.splits, self.prep, self.device)
+        test, test_ci = res[("meta_test", "mean")] if cfg.mh else res[("meta_test", cfg.dataset)]
+        for (split, ds), (acc, ci) in res.items():
+            self.metrics.write({"task": 0, "meta_iter": 0, "split": split, "dataset": ds, "acc": round(acc, 4),
+                                "ci": round(ci, 4), "api_queries": 0, "api_visits": 0,
+                                "wall_seconds": round(time.time() - t, 2)})
+        summary = {"test_acc": test, "test_ci": test_ci, "checkpoint": cfg.evaluate,
+                   "way_test": cfg.way_test, "num_sup_test": cfg.num_sup_test, "episode_test": cfg.episode_test,
+                   "wall_seconds": round(time.time() - t, 2), "device": str(self.device)}
+        if cfg.mh:
+            summary["per_dataset"] = {ds: {"acc": a, "ci": c} for (_, ds), (a, c) in res.items()}
+        run_dir.atomic_json(summary, os.path.join(self.out_dir, "summary.json"))
+        print(f"done: {cfg.way_test}-way {cfg.num_sup_test}-shot meta_test {test:.2f} ± {test_ci:.2f} "
+              f"({cfg.episode_test} tasks) of {cfg.evaluate} -> {self.out_dir}")
+        return summary
 
     def _finish(self) -> dict:
         summary = self.summary()
