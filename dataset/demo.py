@@ -7,9 +7,10 @@ combinations of parts that meta-training has seen: exactly what a meta-learner c
 
 Per image, at random: the object's position, size, rotation, aspect ratio, hue/saturation/value,
 the texture's period, phase and contrast polarity (light or dark second tone), a background of two
-random colours in a random gradient, 0-4 small distractor objects (random shape, texture and colour,
-behind the object and sometimes one in front of it) and pixel noise. Images are rendered with
-vectorised numpy (anti-aliased signed-distance shapes), written as PNG, deterministic given the seed.
+random colours in a random gradient, up to five small distractor objects behind the object and
+often one in front of it (random shape, texture and colour from the same vocabulary) and pixel
+noise. Images are rendered with vectorised numpy (anti-aliased signed-distance shapes) and written
+as PNG, deterministic given the seed.
 
     python -m dataset.demo [--data_root ./DFL2Ldata] [--images_per_class 100] [--seed 0]
 """
@@ -159,7 +160,7 @@ def draw(img: np.ndarray, layer: dict) -> None:
 def _tones(rng: np.random.Generator, hue: np.ndarray, s_range, v_range) -> tuple[np.ndarray, np.ndarray]:
     """Main colour of the given hues (jittered) and its second tone: a light or a dark shade."""
     n = len(hue)
-    c1 = hsv_to_rgb(hue + rng.uniform(-0.04, 0.04, n), rng.uniform(*s_range, n), rng.uniform(*v_range, n))
+    c1 = hsv_to_rgb(hue + rng.uniform(-0.05, 0.05, n), rng.uniform(*s_range, n), rng.uniform(*v_range, n))
     light = rng.random(n) < 0.5
     c2 = np.where(light[:, None], 1.0 - 0.35 * (1.0 - c1), c1 * 0.3)
     return c1, c2
@@ -183,19 +184,19 @@ def _random_layer(rng, n, radius, p_visible):
 
 def class_scenes(colour: str, shape: str, texture: str, n: int, rng: np.random.Generator) -> dict:
     """Every random choice of n images of one class (the only place that draws random numbers):
-    background colours and gradient direction, five object layers (four distractors behind the
-    class object, one possible occluder in front) and the pixel noise."""
+    background colours and gradient direction, six object layers (five possible distractors
+    behind the class object, one possible occluder in front) and the pixel noise."""
     hue = lambda: rng.random(n)                                     # noqa: E731
-    scene = dict(g0=hsv_to_rgb(hue(), rng.uniform(0.0, 0.5, n), rng.uniform(0.2, 0.9, n)),
-                 g1=hsv_to_rgb(hue(), rng.uniform(0.0, 0.5, n), rng.uniform(0.2, 0.9, n)),
+    scene = dict(g0=hsv_to_rgb(hue(), rng.uniform(0.0, 0.6, n), rng.uniform(0.2, 0.9, n)),
+                 g1=hsv_to_rgb(hue(), rng.uniform(0.0, 0.6, n), rng.uniform(0.2, 0.9, n)),
                  theta=rng.uniform(0.0, 2.0 * np.pi, n))
-    layers = [_random_layer(rng, n, radius=(2.5, 6.5), p_visible=0.6) for _ in range(4)]   # clutter
+    layers = [_random_layer(rng, n, radius=(2.5, 7.0), p_visible=0.6) for _ in range(5)]   # clutter
     layers.append(_layer(rng, n, shape=np.full(n, SHAPES.index(shape)), texture=np.full(n, TEXTURES.index(texture)),
-                         hue=np.full(n, COLOURS[colour]), radius=(6.5, 10.5), centre=(10.0, 22.0),
-                         visible=np.ones(n, dtype=bool), s_range=(0.45, 1.0), v_range=(0.5, 1.0)))
-    layers.append(_random_layer(rng, n, radius=(2.5, 5.0), p_visible=0.5))                 # occluder
+                         hue=np.full(n, COLOURS[colour]), radius=(5.5, 10.0), centre=(9.0, 23.0),
+                         visible=np.ones(n, dtype=bool), s_range=(0.4, 1.0), v_range=(0.45, 1.0)))
+    layers.append(_random_layer(rng, n, radius=(2.5, 5.5), p_visible=0.6))                 # occluder
     scene["layers"] = layers
-    sigma = rng.uniform(0.03, 0.08, n).astype(np.float32)[:, None, None, None]
+    sigma = rng.uniform(0.04, 0.10, n).astype(np.float32)[:, None, None, None]
     scene["noise"] = rng.standard_normal((n, SIZE, SIZE, 3), dtype=np.float32) * sigma
     return scene
 
