@@ -34,7 +34,7 @@ except ImportError:     # not on Windows: no lock, generation is still atomic
 from .filelist import write_csv
 from .specs import SPECS, SPLITS
 
-VERSION = 1                     # bump when the rendering changes: old folders are regenerated
+VERSION = 2                     # bump when the rendering changes: old folders are regenerated
 DEFAULT_IMAGES_PER_CLASS = 100
 SIZE = 32
 RENDER_CHUNK = 300             # images rendered in one vectorised batch (bigger batches fall out of cache)
