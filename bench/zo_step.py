@@ -11,8 +11,10 @@ network with random batch-norm statistics (speed does not depend on the weights)
   peak_mem_mb       CPU: peak RSS during warm-up + timed steps minus RSS before them (the process's
                     high-water mark, getrusage); CUDA: torch.cuda.max_memory_allocated
   api_forward_share fraction of the timed wall time spent inside the API forward
-plus the settings, wall and CPU seconds per step (CPU time summed over threads: on a busy machine
-wall time overstates the cost) and the load average at the end (the machine may be shared).
+plus the settings, wall and CPU seconds per step and images per CPU-second (CPU time summed over
+threads; on a busy machine wall time overstates the cost, and with --threads 1 images_per_cpu_s is
+the throughput of one unshared core), the process's absolute peak RSS, OMP_WAIT_POLICY and the load
+average at the end (the machine may be shared).
 """
 from __future__ import annotations
 
@@ -116,11 +118,13 @@ def main(argv=None) -> dict:
     out = {"images_per_s": round((api.queries - q0) / dt, 1), "peak_mem_mb": round(peak, 1),
            "api_forward_share": round(api.forward_seconds / dt, 3),
            "seconds_per_step": round(dt / a.steps, 3),
-           "cpu_seconds_per_step": round(cpu / a.steps, 3), "images_per_step": (api.queries - q0) // a.steps,
+           "cpu_seconds_per_step": round(cpu / a.steps, 3),
+           "images_per_cpu_s": round((api.queries - q0) / cpu, 1), "peak_rss_mb": round(peak_rss_mb(), 1), "images_per_step": (api.queries - q0) // a.steps,
            "q": a.q, "numsplit": a.numsplit, "batch": a.way * a.per_class, "image_size": api.spec.image_size,
            "arch": api.arch, "device": str(device), "threads": torch.get_num_threads(),
            "api": "plain" if a.plain_api else ("compile" if a.compile else ("dense" if a.no_mkldnn else "fast")),
-           "api_build_s": round(build_s, 1), "loadavg": [round(v, 2) for v in os.getloadavg()]}
+           "api_build_s": round(build_s, 1), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+           "loadavg": [round(v, 2) for v in os.getloadavg()]}
     print(json.dumps(out))
     return out
 

@@ -9,7 +9,9 @@ object has no `.model`, no `.parameters()`, no `state_dict()`.
 Because the zero-order estimator spends (q + 1) queries per image per step, the simulated API's
 forward is the hot path. `inference_forward` prepares a frozen copy of the model that computes
 the same function faster: batch-norm folded into the preceding convolutions (eval statistics),
-channels-last activations and cache-sized micro-batches on the CPU, optionally torch.compile.
+max-pooling moved before the ReLU it follows (exact), and on the CPU oneDNN tensors end to end
+(channels-last dense tensors where an op has no oneDNN kernel) in micro-batches of 128 images;
+torch.compile optionally (not faster on the 2-core CPU, bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ from torch import nn
 
 from dataset.specs import DatasetSpec
 
-# Images per forward call on the CPU: the activations of a micro-batch stay in the core's cache.
-# Measured on the 2-core Xeon used for bench/zo_step.py (conv4, 32x32); see bench/RESULTS.md.
+# Images per forward call on the CPU. Measured on the 2-core Xeon (conv4, 32x32, one thread, CPU time):
+# 64-128 images per call ran ~1.8x faster than 256-1024 (smaller activations stay in cache).
 CPU_MICRO_BATCH = 128
 
 
