@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The whole method on the embedded demo dataset, on a CPU, in about a quarter of an hour:
+#   1. make the demo dataset (DFL2Ldata/demo, once)
+#   2. pretrain a small pool of conv4 APIs (pretrained_blackbox/demo/..., once; resumable)
+#   3. BiDf-MKD, API-SS, zero-order (black-box) synthesis, 5-way 1-shot meta-training
+#   4. the upper bound: MAML on the real meta-train images, same budget of tasks
+#   5. 600-task meta-test evaluations, 5-way 1-shot and 5-shot, of the random-init meta model and of the
+#      two meta-trained models (chosen on meta_val; the 5-shot rows reuse the 1-shot-trained models)
+#   6. results.md / results.json and figs/ in the run directory (its path is the last line printed)
+# Interrupted? Rerun with DEMO_OUT=<that directory>: finished stages are skipped, the rest resumes.
+# Scale knobs (environment): DEMO_APIS, DEMO_TASKS, DEMO_Q, DEMO_GEN_ITERS, DEMO_TEST_TASKS.
+set -eo pipefail
+. "$(dirname "$0")/env.sh"
+
+APIS=${DEMO_APIS:-8}                # APIs in the pool
+API_EPOCHS=${DEMO_API_EPOCHS:-20}   # epochs per API
+TASKS=${DEMO_TASKS:-400}            # meta-training tasks (API visits + replay), both methods
+Q=${DEMO_Q:-20}                     # ZO random directions per image (paper: 100)
+GEN_ITERS=${DEMO_GEN_ITERS:-40}     # generator steps per synthesis (paper: 200)
+TEST_TASKS=${DEMO_TEST_TASKS:-600}  # final meta-test tasks per row
+OUT=${DEMO_OUT:-runs/demo-$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT/eval"
+echo "[demo] run directory: $OUT"
+
+declare -A SECONDS_OF
+stage() {   # stage NAME CMD...: run and time one stage
+  local name=$1 t0=$SECONDS; shift
+  echo "[demo] == $name"
+  "$@"
+  SECONDS_OF[$name]=$((SECONDS - t0))
+}
+T0=$SECONDS
+
+stage data python -m dataset.demo --data_root ./DFL2Ldata
+stage pretrain python pretrain.py --dataset demo --pre_backbone conv4 --APInum "$APIS" --epochs "$API_EPOCHS" \
+  --pretrained_path_prefix ./pretrained_blackbox --data_root ./DFL2Ldata
+
+COMMON=(--dataset demo --data_root ./DFL2Ldata --way_train 5 --num_sup_train 1 --num_qur_train 15
+        --way_test 5 --num_sup_test 1 --num_qur_test 15 --episode_train "$TASKS" --episode_test 100
+        --val_interval 50 --save_interval 50 --resume)
+stage bidf_mkd python main.py "${COMMON[@]}" --out_dir "$OUT/bidf_mkd" \
+  --pretrained_path_prefix ./pretrained_blackbox --pre_backbone conv4 --APInum "$APIS" \
+  --ZO --q "$Q" --mu 0.005 --numsplit 1 --generate_iterations "$GEN_ITERS" --Glr 0.001 \
+  --num_sup_kd 5 --num_qur_kd 15 --inner_update_num_kd 10 --generate_interval 10 --adv 1 --advstartit 25
+stage maml_real python main.py "${COMMON[@]}" --out_dir "$OUT/maml_real" --baseline maml_real
+
+evaluate() {   # evaluate METHOD CHECKPOINT SHOT: 600-task meta_test accuracy of one model
+  python main.py --dataset demo --data_root ./DFL2Ldata --evaluate "$2" --way_test 5 --num_sup_test "$3" \
+    --num_qur_test 15 --episode_test "$TEST_TASKS" --out_dir "$OUT/eval/$1_$3shot" --resume
+}
+evaluations() {
+  for shot in 1 5; do
+    evaluate random_init random "$shot"
+    evaluate bidf_mkd "$OUT/bidf_mkd/best.pth" "$shot"
+    evaluate maml_real "$OUT/maml_real/best.pth" "$shot"
+  done
+}
+stage evaluation evaluations
+
+{ printf '{"total": %d, "stages": {' "$((SECONDS - T0))"; sep=""
+  for k in data pretrain bidf_mkd maml_real evaluation; do printf '%s"%s": %d' "$sep" "$k" "${SECONDS_OF[$k]}"; sep=", "; done
+  printf '}}\n'; } > "$OUT/timing.json"
+python -m reporting "$OUT" --note "Demo scale: $APIS conv4 APIs ($API_EPOCHS epochs), $TASKS meta-training tasks, ZO q=$Q, $GEN_ITERS generator steps per synthesis; models chosen on meta_val (100 tasks); the 5-shot rows evaluate the 1-shot-trained models."
+echo "[demo] results: $OUT"
