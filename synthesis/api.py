@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import operator
 import sys
 import time
 import warnings
@@ -106,6 +107,23 @@ def pool_before_relu(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
+def onednn_friendly(net: nn.Module) -> bool:
+    """Whether every step of a traced network has a oneDNN-tensor kernel (conv, linear, ReLU, max-pool,
+    add, flatten). ResNet's global average pooling (mean over H, W) has none: it stays dense."""
+    if not isinstance(net, torch.fx.GraphModule):
+        return False
+    mods = dict(net.named_modules())
+    for node in net.graph.nodes:
+        if node.op == "call_module" and not isinstance(mods[node.target], (nn.Conv2d, nn.Linear, nn.ReLU,
+                                                                           nn.MaxPool2d, nn.Identity)):
+            return False
+        if node.op == "call_method" and node.target not in ("flatten", "relu", "relu_"):
+            return False
+        if node.op == "call_function" and node.target not in (torch.relu, torch.flatten, operator.add):
+            return False
+    return True
+
+
 def inference_forward(model: nn.Module, device, *, grad: bool = False, mkldnn: bool | None = None,
                       channels_last: bool | None = None, micro_batch: int | None = -1, compile: bool = False,
                       fold_bn: bool = True, example: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -138,7 +156,8 @@ def inference_forward(model: nn.Module, device, *, grad: bool = False, mkldnn: b
     fn: Callable = net
 
     if mkldnn is None:
-        mkldnn = cpu and not grad and not compile and example is not None and torch.backends.mkldnn.is_available()
+        mkldnn = (cpu and not grad and not compile and example is not None and torch.backends.mkldnn.is_available()
+                  and onednn_friendly(net))
     if mkldnn and cpu and not grad:
         try:    # quietly: torch.fx prints the failing line of an unsupported op before raising
             with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
