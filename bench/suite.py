@@ -1,0 +1,238 @@
+"""The four measurements, each a function (Config of a scale, image size, device, plan) -> dict.
+
+Randomly initialised networks and synthetic tensors throughout: no API pool and no dataset are
+needed, and speed does not depend on what the weights learnt. APIs are conv4 with random
+batch-norm statistics (bench/zo_step.random_api), the meta model a conv4 with batch statistics
+(as main.py builds it in API-SS at that image size).
+
+    zo_step       one generator step of data recovery: G(z) -> augment -> (q + 1) API queries per
+                  image -> zero-order estimate -> surrogate backward -> Adam (synthesis.recover)
+    kd_task       one API visit (methods.kd.kd_task): recover the support set, adapt the meta model
+                  (KL, inner_update_num_kd second-order steps), recover the query set with the
+                  boundary term, outer KL, backward; run with few generator steps, the recovery's
+                  per-step time extrapolated to generate_iterations
+    replay_batch  one meta-batch of episode_batch replay tasks (methods.replay.replay_task), backward
+                  of each task, one Adam step
+    eval_task     one test task (methods.maml.accuracy_after_adapt): test_inner_update_num steps on
+                  the support set without a graph, query accuracy
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bench.measure import MemoryMeter, loadavg, median, repeat, sync
+from dataset import Task
+from network import build
+
+
+@dataclass
+class Plan:
+    """How hard to measure (repetitions per cell, generator steps of a measured API visit)."""
+    min_reps: int = 2
+    max_reps: int = 7
+    budget_s: float = 6.0           # keep repeating a cell while under this (and under max_reps)
+    kd_steps: int = 2               # generator steps per recovery in a measured API visit
+    kd_reps: int = 1
+    warmup: bool = True
+
+
+def _api(cfg, size: int, device: torch.device, seed: int = 0):
+    from bench.zo_step import random_api
+    return random_api("conv4", cfg.way_pretrain, size, device, seed)
+
+
+def _meta_model(cfg, way: int, size: int, device: torch.device):
+    from methods.meta_train import MetaInput
+    torch.manual_seed(0)
+    model = build(cfg.backbone, way, channels=3, image_size=size, batch_stats=True).to(device)
+    prep = MetaInput(size, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    return model, prep
+
+
+def _summary(recs: list[dict], device: torch.device) -> dict:
+    return {"reps": len(recs), "seconds": round(median(recs, "wall"), 4),
+            "seconds_all": [round(r["wall"], 4) for r in recs],
+            "cpu_seconds": round(median(recs, "cpu"), 4) if device.type == "cpu" else None}
+
+
+# ---------------------------------------------------------------- 1. zero-order synthesis step
+
+def zo_step(cfg, size: int, device: torch.device, plan: Plan) -> dict:
+    from synthesis.recover import ZOConfig, recover
+    api = _api(cfg, size, device)
+    per_class = max(cfg.num_sup_kd, cfg.num_qur_kd)    # the larger of a visit's two recoveries
+    gen = torch.Generator(device=device).manual_seed(0)
+    if plan.warmup:     # kernels and allocator; on the CPU at a small geometry (a full step can take a minute)
+        small = device.type == "cpu"
+        recover(api, min(2, per_class) if small else per_class, steps=1, generator=gen,
+                zo=ZOConfig(q=min(cfg.q, cfg.numsplit) if small else cfg.q, mu=cfg.mu, numsplit=cfg.numsplit))
+    zo = ZOConfig(q=cfg.q, mu=cfg.mu, numsplit=cfg.numsplit)
+    api.timing = True
+
+    def step():
+        q0, api.forward_seconds = api.queries, 0.0
+        recover(api, per_class, steps=1, zo=zo, generator=gen)
+        return {"images": api.queries - q0, "api_s": api.forward_seconds}
+
+    with MemoryMeter(device) as mem:
+        recs = repeat(step, device, min_reps=plan.min_reps, max_reps=plan.max_reps, budget_s=plan.budget_s)
+    out = _summary(recs, device)
+    images = recs[0]["images"]
+    out.update(images_per_step=images, images_per_s=round(images / out["seconds"], 1),
+               api_forward_share=round(float(np.median([r["api_s"] / r["wall"] for r in recs])), 3),
+               batch=cfg.way_pretrain * per_class, **mem.result())
+    return out
+
+
+# ---------------------------------------------------------------- 2. bi-level KD task (one API visit)
+
+@contextlib.contextmanager
+def _timed_recover(device: torch.device, log: list):
+    """Time each recover() that methods.kd makes (support, then query)."""
+    import methods.kd as kd
+    original = kd.recover
+
+    def timed(*a, **k):
+        sync(device)
+        t = time.perf_counter()
+        out = original(*a, **k)
+        sync(device)
+        log.append(time.perf_counter() - t)
+        return out
+    kd.recover = timed
+    try:
+        yield
+    finally:
+        kd.recover = original
+
+
+def kd_task(cfg, size: int, device: torch.device, plan: Plan) -> dict:
+    from methods.kd import KDSettings, kd_task as run_kd
+    from methods.maml import meta_params
+    from synthesis.recover import ZOConfig
+    api = _api(cfg, size, device)
+    model, prep = _meta_model(cfg, cfg.way_train, size, device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.outer_lr)
+    steps = min(plan.kd_steps, cfg.generate_iterations)
+    zo = ZOConfig(q=cfg.q, mu=cfg.mu, numsplit=cfg.numsplit)
+    s = KDSettings(cfg.num_sup_kd, cfg.num_qur_kd, cfg.inner_update_num_kd, cfg.inner_lr, cfg.approx,
+                   steps, cfg.Glr, zo, cfg.adv)
+    gen = torch.Generator(device=device).manual_seed(0)
+    if plan.warmup:     # every code path once, at a tiny geometry
+        tiny = KDSettings(2, 2, 1, cfg.inner_lr, cfg.approx, 1, cfg.Glr,
+                          ZOConfig(q=1, mu=cfg.mu, numsplit=1), cfg.adv)
+        run_kd(model, meta_params(model), api, tiny, prep, boundary=True, generator=gen).loss.backward()
+    api.timing = True
+
+    def visit():
+        log, q0 = [], api.queries
+        api.forward_seconds = 0.0
+        opt.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        with _timed_recover(device, log):
+            out = run_kd(model, meta_params(model), api, s, prep, boundary=True, generator=gen)
+        sync(device)
+        t1 = time.perf_counter()
+        out.loss.backward()
+        opt.step()
+        sync(device)
+        t2 = time.perf_counter()
+        return {"support_s": log[0], "query_s": log[1], "adapt_outer_s": t1 - t0 - log[0] - log[1],
+                "backward_s": t2 - t1, "queries": api.queries - q0, "api_s": api.forward_seconds}
+
+    with MemoryMeter(device) as mem:
+        recs = repeat(visit, device, min_reps=plan.kd_reps, max_reps=plan.kd_reps, budget_s=0)
+    out = _summary(recs, device)
+    sup, qur = median(recs, "support_s") / steps, median(recs, "query_s") / steps
+    rest = median(recs, "adapt_outer_s") + median(recs, "backward_s")
+    full = cfg.generate_iterations
+    b_s, b_q = cfg.way_pretrain * cfg.num_sup_kd, cfg.way_pretrain * cfg.num_qur_kd
+    per_step = cfg.q + 1
+    out.update(generator_steps_run=steps, generate_iterations=full,
+               support_s_per_step=round(sup, 4), query_s_per_step=round(qur, 4),
+               adapt_outer_forward_s=round(median(recs, "adapt_outer_s"), 4),
+               backward_s=round(median(recs, "backward_s"), 4),
+               api_forward_share=round(float(np.median([r["api_s"] / r["wall"] for r in recs])), 3),
+               queries_measured=recs[0]["queries"],
+               queries_per_visit=b_s * (full * per_step + 1) + b_q * (full * per_step + 1),
+               extrapolated=steps < full,
+               visit_seconds_extrapolated=round((sup + qur) * full + rest, 2),
+               boundary=True, **mem.result())
+    return out
+
+
+# ---------------------------------------------------------------- 3. replay meta-batch, 4. evaluation task
+
+def synthetic_task(way: int, shot: int, query: int, size: int, device: torch.device, seed: int) -> Task:
+    g = torch.Generator().manual_seed(seed)
+    rel = torch.arange(way)
+    return Task(torch.rand(way * shot, 3, size, size, generator=g), rel.repeat_interleave(shot),
+                torch.rand(way * query, 3, size, size, generator=g), rel.repeat_interleave(query),
+                np.arange(way)).to(device)
+
+
+def replay_batch(cfg, size: int, device: torch.device, plan: Plan, shot: int) -> dict:
+    from methods.maml import meta_params
+    from methods.replay import replay_task
+    model, prep = _meta_model(cfg, cfg.way_train, size, device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.outer_lr)
+    tasks = [synthetic_task(cfg.way_train, shot, cfg.num_qur_train, size, device, i)
+             for i in range(cfg.episode_batch)]
+
+    def batch(n: int = cfg.episode_batch):
+        opt.zero_grad(set_to_none=True)
+        for t in tasks[:n]:
+            loss, _ = replay_task(model, meta_params(model), t, steps=cfg.inner_update_num, lr=cfg.inner_lr,
+                                  first_order=cfg.approx, prep=prep, way=cfg.way_train,
+                                  augment=cfg.replay_augment)
+            loss.backward()
+        opt.step()
+
+    if plan.warmup:
+        batch(1)
+    with MemoryMeter(device) as mem:
+        recs = repeat(batch, device, min_reps=plan.min_reps, max_reps=plan.max_reps, budget_s=plan.budget_s)
+    out = _summary(recs, device)
+    out.update(shot=shot, tasks_per_s=round(cfg.episode_batch / out["seconds"], 2),
+               second_order=not cfg.approx, **mem.result())
+    return out
+
+
+def eval_task(cfg, size: int, device: torch.device, plan: Plan, shot: int) -> dict:
+    from methods.maml import accuracy_after_adapt, meta_params
+    model, prep = _meta_model(cfg, cfg.way_test, size, device)
+    params = meta_params(model)
+    tasks = [synthetic_task(cfg.way_test, shot, cfg.num_qur_test, size, device, i) for i in range(4)]
+    i = iter(range(10 ** 9))
+
+    def one():
+        accuracy_after_adapt(model, params, tasks[next(i) % len(tasks)], cfg.test_inner_update_num,
+                             cfg.inner_lr, prep, cfg.way_test)
+
+    if plan.warmup:
+        one()
+    with MemoryMeter(device) as mem:
+        recs = repeat(one, device, min_reps=plan.min_reps, max_reps=3 * plan.max_reps, budget_s=plan.budget_s / 2)
+    out = _summary(recs, device)
+    out.update(shot=shot, tasks_per_s=round(1 / out["seconds"], 2),
+               seconds_600_tasks=round(600 * out["seconds"], 1), **mem.result())
+    return out
+
+
+MEASUREMENTS = {"zo_step": zo_step, "kd_task": kd_task, "replay_batch": replay_batch, "eval_task": eval_task}
+SHOTS = {"replay_batch": (1, 5), "eval_task": (1, 5)}
+
+
+def run_cell(name: str, cfg, size: int, device: torch.device, plan: Plan, shot: int | None = None) -> dict:
+    fn = MEASUREMENTS[name]
+    load0 = loadavg()
+    t = time.perf_counter()
+    out = fn(cfg, size, device, plan) if shot is None else fn(cfg, size, device, plan, shot)
+    out["cell_wall_s"] = round(time.perf_counter() - t, 1)
+    out["loadavg_before"], out["loadavg_after"] = load0, loadavg()
+    return out
