@@ -21,6 +21,7 @@ from .errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 HOW_TO_GET = "README: Datasets"
+TITLES = {"cifar100": "CIFAR-FS", "miniimagenet": "MiniImageNet", "cub": "CUB-200-2011"}
 
 Row = tuple[str, str]   # (filename relative to the data root, class name)
 
@@ -41,7 +42,8 @@ def _missing(path: str, spec: DatasetSpec, what: str) -> DataError:
     nested = os.path.join(path, os.path.basename(path))
     if os.path.isdir(nested):   # unzipping often adds one level: cifar100/cifar100/...
         hint = f" (found {nested}: move its contents up one level)"
-    return DataError(f"{what} {path}{hint}; download {spec.name} and place it there ({HOW_TO_GET})")
+    title = TITLES.get(spec.name, spec.name)
+    return DataError(f"{what} {path}{hint}; download {title} and place it there ({HOW_TO_GET})")
 
 
 def subfolders(path: str) -> list[str]:
