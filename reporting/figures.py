@@ -62,6 +62,8 @@ def recovered_vs_real(run: str, path: str, n_apis: int = 3, per_class: int = 6) 
     class, `per_class` recovered images (left) next to `per_class` real meta-train images of the same
     class (right). Reads the run's last.pth (memory) and config.json. False if nothing to show."""
     from synthesis.pool import pool_dir
+    if not os.path.isfile(os.path.join(run, "last.pth")):
+        return False
     with open(os.path.join(run, "config.json")) as f:
         cfg = json.load(f)
     ck = torch.load(os.path.join(run, "last.pth"), map_location="cpu", weights_only=False)
