@@ -37,7 +37,7 @@ stage pretrain python pretrain.py --dataset demo --pre_backbone conv4 --APInum "
 
 COMMON=(--dataset demo --data_root ./DFL2Ldata --way_train 5 --num_sup_train 1 --num_qur_train 15
         --way_test 5 --num_sup_test 1 --num_qur_test 15 --episode_train "$TASKS" --episode_test 100
-        --val_interval 50 --save_interval 50 --resume)
+        --val_interval 100 --save_interval 100 --resume)
 stage bidf_mkd python main.py "${COMMON[@]}" --out_dir "$OUT/bidf_mkd" \
   --pretrained_path_prefix ./pretrained_blackbox --pre_backbone conv4 --APInum "$APIS" \
   --ZO --q "$Q" --mu 0.005 --numsplit 1 --generate_iterations "$GEN_ITERS" --Glr 0.001 \
