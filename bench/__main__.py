@@ -68,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--sizes takes comma-separated integers, got {a.sizes!r}")
     if any(s < 16 for s in a.sizes):
         p.error("--sizes: conv4 needs images of at least 16x16")
+    if a.kd_steps is not None and a.kd_steps < 1:
+        p.error("--kd_steps must be at least 1")
     if a.from_file and not a.markdown:
         p.error("--from only goes with --markdown")
     return a

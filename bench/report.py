@@ -67,18 +67,21 @@ def markdown(doc: dict) -> str:
              "(above the core count means other processes competed for the CPU).",
              "",
              f"Scales: paper = {st['paper']['source']}; demo = {st['demo']['source']}.",
-             f"Peak memory: {doc['peak_memory_note']} Shown as peak (added by the measurement).", ""]
+             f"Peak memory: {doc['peak_memory_note']} Shown as peak (added by the measurement).",
+             "CPU-s: process CPU seconds summed over threads; images per CPU-second is the throughput of one "
+             "unshared core, which a busy machine disturbs less than wall time.", ""]
 
     if res.get("zo_step"):
         lines += ["### ZO synthesis step", "",
                   "One generator step: G(z), augment, (q + 1) API queries per image, zero-order estimate, "
                   "surrogate backward, Adam.", ""]
         lines += _rows(res["zo_step"], ["scale", "size", "images x q / numsplit", "s / step", "API images/s",
-                                        "API forward share", "peak mem", "reps", "load"],
+                                        "API images / CPU-s", "API forward share", "peak mem", "reps", "load"],
                        lambda c: [_scale(c), f"{c['image_size']}x{c['image_size']}",
                                   f"{c['batch']} x {c['settings']['q']} / {c['settings']['numsplit']}",
-                                  _s(c["seconds"]), f"{c['images_per_s']:,.0f}", f"{c['api_forward_share']:.0%}",
-                                  _mem(c), c["reps"], _load(c)])
+                                  _s(c["seconds"]), f"{c['images_per_s']:,.0f}",
+                                  f"{c['images_per_cpu_s']:,.0f}" if c.get("images_per_cpu_s") else "-",
+                                  f"{c['api_forward_share']:.0%}", _mem(c), c["reps"], _load(c)])
         o = doc.get("reference", {}).get("zo_step_original", ORIGINAL_ZO_STEP)
         paper32 = next((c for c in res["zo_step"] if c["scale"] == "paper" and c["image_size"] == 32
                         and "seconds" in c), None)

@@ -84,6 +84,7 @@ def zo_step(cfg, size: int, device: torch.device, plan: Plan) -> dict:
     out = _summary(recs, device)
     images = recs[0]["images"]
     out.update(images_per_step=images, images_per_s=round(images / out["seconds"], 1),
+               images_per_cpu_s=round(images / out["cpu_seconds"], 1) if out["cpu_seconds"] else None,
                api_forward_share=round(float(np.median([r["api_s"] / r["wall"] for r in recs])), 3),
                batch=cfg.way_pretrain * per_class, **mem.result())
     return out
