@@ -97,7 +97,15 @@ def recover(api, per_class: int, *, steps: int, lr: float = 1e-3, zo: ZOConfig |
         """Black-box loss of k stacked copies of the batch (copy-major), per image."""
         k = x01.shape[0] // n
         probs = api(norm(x01))
-        s_logits = student(x01) if use_student else None
+        s_logits = None
+        if use_student:
+            # One perturbed copy of the batch at a time: a batch-statistics student then normalises
+            # with (nearly) the clean batch's statistics whatever numsplit is, in 1/k of the memory
+            # (and faster: measured 0.66 vs 1.05 CPU-s per 3,000 images for a conv4 at 32x32).
+            # inference_mode: the ZO path needs no graph, and it cut that to 0.43 s.
+            with torch.inference_mode():
+                s_logits = torch.cat([student(c) for c in x01.split(n)])
+            s_logits = s_logits.clone()
         return per_image_loss(probs, target.repeat(k), s_logits, adv, "l1")
 
     best_loss = torch.full((n,), float("inf"), device=device)
