@@ -46,7 +46,7 @@ bidf_mkd() {   # the method, then its two evaluations
   python main.py "${COMMON[@]}" --out_dir "$OUT/bidf_mkd" \
     --pretrained_path_prefix ./pretrained_blackbox --pre_backbone conv4 --APInum "$APIS" \
     --ZO --q "$Q" --mu 0.005 --numsplit 1 --generate_iterations "$GEN_ITERS" --Glr 0.001 \
-    --num_sup_kd 5 --num_qur_kd 15 --inner_update_num_kd 10 --generate_interval 10 --adv 1 --advstartit 25
+    --num_sup_kd 5 --num_qur_kd 15 --inner_update_num_kd 10 --generate_interval 4 --adv 1 --advstartit 25
   evaluate bidf_mkd "$OUT/bidf_mkd/best.pth" 1
   evaluate bidf_mkd "$OUT/bidf_mkd/best.pth" 5
 }
