@@ -23,15 +23,17 @@ class Task:
                     self.query_x.to(device), self.query_y.to(device), self.classes)
 
 
-def check_episode(data: SplitData, way: int, shot: int, query: int, what: str = "task") -> None:
-    """Fail fast, naming the flags, when a split cannot supply such tasks."""
+def check_episode(data: SplitData, way: int, shot: int, query: int, kind: str = "test") -> None:
+    """Fail fast when a split cannot supply `way`-way tasks of `shot` + `query` images per class,
+    naming the flags to change (--way_<kind>, --num_sup_<kind>, --num_qur_<kind>)."""
+    where = f"{data.spec.name}/{data.split}"
     if way > data.num_classes:
-        raise DataError(f"{what}: {way}-way needs {way} classes but {data.spec.name}/{data.split} "
-                        f"has {data.num_classes}; lower the way flag")
+        raise DataError(f"--way_{kind} {way} exceeds the {data.num_classes} classes of {where}; "
+                        f"lower --way_{kind}")
     smallest = min(len(data.indices_of(c)) for c in range(data.num_classes))
     if shot + query > smallest:
-        raise DataError(f"{what}: {shot} shot + {query} query images per class, but a class of "
-                        f"{data.spec.name}/{data.split} has only {smallest}; lower the shot/query flags")
+        raise DataError(f"--num_sup_{kind} {shot} + --num_qur_{kind} {query} images per class, "
+                        f"but a class of {where} has only {smallest}; lower --num_sup_{kind}/--num_qur_{kind}")
 
 
 def sample_task(data: SplitData, way: int, shot: int, query: int, rng: np.random.Generator) -> Task:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dataset import (MIX_DATASETS, MIX_IMAGE_SIZE, SPECS, DataError, Task, fixed_tasks, get_spec,
+from dataset import (MIX_DATASETS, check_episode, MIX_IMAGE_SIZE, SPECS, DataError, Task, fixed_tasks, get_spec,
                      load_split, normalize, resize, sample_task)
 from dataset.specs import IMAGENET_MEAN, IMAGENET_STD
 from network import build
@@ -84,21 +84,9 @@ def load_eval_splits(cfg: Config) -> list[EvalSplit]:
     for name in eval_datasets(cfg):
         for split in ("meta_val", "meta_test"):
             data = load_split(cfg.data_root, get_spec(name), split)
-            check_task_flags(data, cfg.way_test, cfg.num_sup_test, cfg.num_qur_test, "test")
+            check_episode(data, cfg.way_test, cfg.num_sup_test, cfg.num_qur_test, "test")
             out.append(EvalSplit(name, split, data))
     return out
-
-
-def check_task_flags(data, way: int, shot: int, query: int, kind: str) -> None:
-    """Fail fast, naming the flags, when `data` cannot supply such tasks."""
-    where = f"{data.spec.name}/{data.split}"
-    if way > data.num_classes:
-        raise SystemExit(f"error: --way_{kind} {way} exceeds the {data.num_classes} classes of {where}; "
-                         f"lower --way_{kind}")
-    smallest = min(len(data.indices_of(c)) for c in range(data.num_classes))
-    if shot + query > smallest:
-        raise SystemExit(f"error: --num_sup_{kind} {shot} + --num_qur_{kind} {query} images per class, but a "
-                         f"class of {where} has only {smallest}; lower --num_sup_{kind}/--num_qur_{kind}")
 
 
 class RealTasks:
@@ -108,7 +96,7 @@ class RealTasks:
     def __init__(self, cfg: Config, size: int):
         self.splits = [load_split(cfg.data_root, get_spec(n), "meta_train") for n in eval_datasets(cfg)]
         for d in self.splits:
-            check_task_flags(d, min(cfg.way_train, d.num_classes), cfg.num_sup_train, cfg.num_qur_train, "train")
+            check_episode(d, min(cfg.way_train, d.num_classes), cfg.num_sup_train, cfg.num_qur_train, "train")
         self.owner = np.concatenate([np.full(d.num_classes, i) for i, d in enumerate(self.splits)])
         self.local = np.concatenate([np.arange(d.num_classes) for d in self.splits])
         self.size = size

@@ -159,7 +159,7 @@ def test_sampler_is_reproducible(demo_root):
 def test_check_episode(demo_root):
     data = load_split(demo_root, SPEC, "meta_val")       # 16 classes
     check_episode(data, 16, 1, DEMO_IMAGES_PER_CLASS - 1)
-    with pytest.raises(DataError, match="17-way"):
-        check_episode(data, 17, 1, 1, "meta-test")
-    with pytest.raises(DataError, match="shot"):
+    with pytest.raises(DataError, match="--way_test 17 exceeds the 16 classes"):
+        check_episode(data, 17, 1, 1, "test")
+    with pytest.raises(DataError, match="--num_sup_test 5 \\+ --num_qur_test"):
         check_episode(data, 5, 5, DEMO_IMAGES_PER_CLASS)
