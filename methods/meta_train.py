@@ -272,7 +272,11 @@ class Trainer:
         return ck
 
     def _load(self, path: str) -> None:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=False)
+        except (RuntimeError, OSError, EOFError, ValueError) as e:
+            raise SystemExit(f"error: cannot read the checkpoint {path} ({str(e).splitlines()[0][:80]}); it is "
+                             "left untouched: restore it, or pass --overwrite to start the run over") from None
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.rng.bit_generator.state = ck["numpy_rng"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -256,3 +257,16 @@ def test_baselines_run(demo_root, tmp_path):
                           "--num_sup_train", "1", "--num_qur_train", "2", "--inner_update_num", "1",
                           "--out_dir", str(tmp_path / "m")]))
     assert s["tasks"] == 4 and s["api_visits"] == 0
+
+
+def test_corrupt_checkpoint_is_one_line_and_kept(tiny_run, demo_root, demo_pool, tmp_path):
+    out = str(tmp_path / "corrupt")
+    shutil.copytree(tiny_run[0], out)
+    os.remove(os.path.join(out, "summary.json"))                  # an unfinished run
+    with open(os.path.join(out, "last.pth"), "r+b") as f:
+        f.truncate(1000)                                          # as after a disk full
+    proc = run_cli(["main.py", *_flags(demo_root, demo_pool, out, "--episode_train", "16", "--val_interval", "8",
+                                       "--save_interval", "8", "--resume")], check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and "cannot read the checkpoint" in lines[0]
+    assert os.path.getsize(os.path.join(out, "last.pth")) == 1000      # nothing overwritten
