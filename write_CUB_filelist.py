@@ -4,7 +4,8 @@ Classes in sorted order, index i: even -> meta_train, i%4==1 -> meta_val, i%4==3
 
 Usage: python write_CUB_filelist.py [--data_root ./DFL2Ldata]
 """
+from core.cli import run
 from dataset.filelist import main
 
 if __name__ == "__main__":
-    main("cub")
+    run(main, "cub")

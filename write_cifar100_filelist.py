@@ -2,7 +2,8 @@
 
 Usage: python write_cifar100_filelist.py [--data_root ./DFL2Ldata]
 """
+from core.cli import run
 from dataset.filelist import main
 
 if __name__ == "__main__":
-    main("cifar100")
+    run(main, "cifar100")

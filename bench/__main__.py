@@ -21,12 +21,14 @@ import datetime
 import json
 import os
 import sys
-import tempfile
 import time
 
 # As scriptskd/env.sh does for every run: idle OpenMP threads wait passively instead of spinning
 # (spinning makes every op crawl on a busy small CPU). Must be set before torch loads OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from core.errors import BidfError, FlagError, Interrupted  # noqa: E402
+from core.io import atomic_json  # noqa: E402
 
 NAMES = ("zo_step", "kd_task", "replay_batch", "eval_task")
 ALIASES = {"zo": "zo_step", "kd": "kd_task", "replay": "replay_batch", "eval": "eval_task"}
@@ -78,26 +80,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 def write_json(doc: dict, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".results", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_json(doc, path)
 
 
-def pick_device(name: str):
+def device_of(name: str):
+    """--device: auto (CUDA when there is one), cpu, cuda or cuda:N (core.device picks CUDA devices)."""
     import torch
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"error: --device {name!r} is not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but torch sees no CUDA device; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise SystemExit(f"error: --device {name!r}: only cpu and cuda are supported")
-    return dev
+
+    from core.device import pick_device
+    if name in ("auto", "cpu"):
+        return pick_device(0) if name == "auto" else torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:") and name[5:].isdigit():
+        if not torch.cuda.is_available():
+            raise FlagError("--device cuda but torch sees no CUDA device; use --device cpu")
+        return pick_device(int(name[5:] or 0) if ":" in name else 0)
+    raise FlagError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N")
 
 
 def heavy(name: str, scale: str, size: int, device, quick: bool) -> bool:
@@ -116,7 +113,7 @@ def measure(a: argparse.Namespace) -> dict:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = pick_device(a.device)
+    device = device_of(a.device)
     plan = (Plan(min_reps=1, max_reps=1, budget_s=0.0, kd_steps=a.kd_steps or 1, warmup=True) if a.quick
             else Plan(kd_steps=a.kd_steps or 2))
     scales = load_scales()
@@ -182,12 +179,12 @@ def main(argv=None) -> None:
             with open(a.from_file) as f:
                 doc = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise SystemExit(f"error: cannot read {a.from_file} ({e}); run `python -m bench` to make it") from None
+            raise BidfError(f"cannot read {a.from_file} ({e}); run `python -m bench` to make it") from None
     else:
         try:
             doc = measure(a)
         except KeyboardInterrupt:
-            raise SystemExit(f"interrupted; the cells measured so far are in {a.out}") from None
+            raise Interrupted(f"interrupted; the cells measured so far are in {a.out}") from None
     if a.markdown:
         from bench.report import markdown
         print(markdown(doc))
@@ -196,4 +193,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from core.cli import run
+    run(main)

@@ -19,17 +19,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def random_pool(prefix: str, dataset: str, arch: str, way: int, n: int) -> None:
-    import torch
     from dataset import get_spec
     from network import build
+    from synthesis.store import api_path, pool_dir, write_api
     spec = get_spec(dataset)
-    d = os.path.join(prefix, dataset, arch, "meta_train", f"{way}way", "model")
+    d = pool_dir(prefix, dataset, arch, way)
     os.makedirs(d, exist_ok=True)
     for i in range(n):
         m = build(arch, way, channels=spec.channels, image_size=spec.image_size)
-        torch.save({"state_dict": m.state_dict(), "classes": list(range(way * i, way * (i + 1))), "arch": arch,
+        write_api({"state_dict": m.state_dict(), "classes": list(range(way * i, way * (i + 1))), "arch": arch,
                     "dataset": dataset, "image_size": spec.image_size, "channels": spec.channels, "way": way,
-                    "val_acc": 0.0, "index": i, "seed": 0, "epochs": 0}, os.path.join(d, f"model_specific_{i}.pth"))
+                    "val_acc": 0.0, "index": i, "seed": 0, "epochs": 0}, api_path(d, i))
 
 
 def main() -> None:
@@ -56,19 +56,19 @@ def main() -> None:
     for v in range(own.visits):
         tr.optimizer.zero_grad()
         sync(); t = time.time()
-        loss, _ = tr._api_visit(v + 1)
+        loss, _ = tr.visit_api(v + 1)
         loss.backward()
         tr.optimizer.step()
         sync(); visit.append(time.time() - t)
     per_visit = (tr.queries() - q0) // max(1, len(visit))
     while tr.memory is not None and not tr.memory.can_sample(cfg.way_train, cfg.num_sup_train, cfg.num_qur_train):
-        tr._api_visit(0)    # fill the memory (not timed)
+        tr.visit_api(0)    # fill the memory (not timed)
     batch = []
     for _ in range(own.batches):
         tr.optimizer.zero_grad()
         sync(); t = time.time()
         for _ in range(cfg.episode_batch):
-            loss, _ = tr._replay()
+            loss, _ = tr.replay()
             loss.backward()
         tr.optimizer.step()
         sync(); batch.append(time.time() - t)

@@ -63,6 +63,7 @@ def _summary(recs: list[dict], device: torch.device) -> dict:
 # ---------------------------------------------------------------- 1. zero-order synthesis step
 
 def zo_step(cfg, size: int, device: torch.device, plan: Plan) -> dict:
+    from core.config import settings
     from synthesis.recover import ZOConfig, recover
     api = _api(cfg, size, device)
     per_class = max(cfg.num_sup_kd, cfg.num_qur_kd)    # the larger of a visit's two recoveries
@@ -71,7 +72,7 @@ def zo_step(cfg, size: int, device: torch.device, plan: Plan) -> dict:
         small = device.type == "cpu"
         recover(api, min(2, per_class) if small else per_class, steps=1, generator=gen,
                 zo=ZOConfig(q=min(cfg.q, cfg.numsplit) if small else cfg.q, mu=cfg.mu, numsplit=cfg.numsplit))
-    zo = ZOConfig(q=cfg.q, mu=cfg.mu, numsplit=cfg.numsplit)
+    zo = settings(ZOConfig, cfg)
     api.timing = True
 
     def step():
@@ -113,6 +114,7 @@ def _timed_recover(device: torch.device, log: list):
 
 
 def kd_task(cfg, size: int, device: torch.device, plan: Plan) -> dict:
+    from core.config import settings
     from methods.kd import KDSettings, kd_task as run_kd
     from methods.maml import meta_params
     from synthesis.recover import ZOConfig
@@ -120,13 +122,12 @@ def kd_task(cfg, size: int, device: torch.device, plan: Plan) -> dict:
     model, prep = _meta_model(cfg, cfg.way_train, size, device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.outer_lr)
     steps = min(plan.kd_steps, cfg.generate_iterations)
-    zo = ZOConfig(q=cfg.q, mu=cfg.mu, numsplit=cfg.numsplit)
-    s = KDSettings(cfg.num_sup_kd, cfg.num_qur_kd, cfg.inner_update_num_kd, cfg.inner_lr, cfg.approx,
-                   steps, cfg.Glr, zo, cfg.adv)
+    zo = settings(ZOConfig, cfg)
+    s = settings(KDSettings, cfg, generate_iterations=steps, zo=zo)
     gen = torch.Generator(device=device).manual_seed(0)
     if plan.warmup:     # every code path once, at a tiny geometry
-        tiny = KDSettings(2, 2, 1, cfg.inner_lr, cfg.approx, 1, cfg.Glr,
-                          ZOConfig(q=1, mu=cfg.mu, numsplit=1), cfg.adv)
+        tiny = settings(KDSettings, cfg, num_sup_kd=2, num_qur_kd=2, inner_update_num_kd=1, generate_iterations=1,
+                        zo=ZOConfig(q=1, mu=cfg.mu, numsplit=1))
         run_kd(model, meta_params(model), api, tiny, prep, boundary=True, generator=gen).loss.backward()
     api.timing = True
 

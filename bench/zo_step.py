@@ -1,4 +1,4 @@
-"""Benchmark: one zero-order generator step at the paper's geometry (issue 4).
+"""Benchmark: one zero-order generator step at the paper's geometry (compare with the original: bench/RESULTS.md).
 
     python bench/zo_step.py                      # 5 classes x 30 images, 32x32, conv4 API, q=100, numsplit 5
     python bench/zo_step.py --numsplit 1 --steps 3
@@ -34,6 +34,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 import network  # noqa: E402
+from core.errors import BidfError  # noqa: E402
 from dataset.specs import get_spec  # noqa: E402
 from synthesis.api import BlackBoxAPI  # noqa: E402
 from synthesis.recover import ZOConfig, recover  # noqa: E402
@@ -90,10 +91,10 @@ def main(argv=None) -> dict:
     t_build = time.perf_counter()
     if a.pool:
         from synthesis.api import load_api
-        from synthesis.pool import api_files, pool_dir
+        from synthesis.store import api_files, pool_dir
         files = api_files(pool_dir(a.pool, a.dataset, a.arch, a.way))
         if a.api not in files:
-            raise SystemExit(f"error: no API {a.api} in {pool_dir(a.pool, a.dataset, a.arch, a.way)}")
+            raise BidfError(f"no API {a.api} in {pool_dir(a.pool, a.dataset, a.arch, a.way)}")
         api = load_api(files[a.api], device, compile=a.compile)
     else:
         api = random_api(a.arch, a.way, a.image_size, device, a.seed, compile=a.compile, **fast)
@@ -133,4 +134,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from core.cli import run
+    run(main)

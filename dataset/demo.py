@@ -31,6 +31,8 @@ try:
 except ImportError:     # not on Windows: no lock, generation is still atomic
     fcntl = None
 
+from core.errors import FlagError
+
 from .filelist import write_csv
 from .specs import SPECS, SPLITS
 
@@ -223,11 +225,6 @@ def render(scene: dict) -> np.ndarray:
     return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
 
 
-def render_class(colour: str, shape: str, texture: str, n: int, rng: np.random.Generator) -> np.ndarray:
-    """n images of one class, uint8 [n, S, S, 3]."""
-    return render(class_scenes(colour, shape, texture, n, rng))
-
-
 # --------------------------------------------------------------------------- the dataset on disk
 
 def _marker_ok(folder: str, images_per_class: int | None, seed: int | None) -> bool:
@@ -281,7 +278,7 @@ def ensure_demo(data_root: str, images_per_class: int | None = None, seed: int |
     half dataset that looks complete. A lock file serialises concurrent callers (e.g. torchrun ranks).
     """
     if images_per_class is not None and images_per_class < 1:
-        raise SystemExit(f"error: --images_per_class must be at least 1, got {images_per_class}")
+        raise FlagError(f"--images_per_class must be at least 1, got {images_per_class}")
     folder = os.path.join(data_root, SPECS["demo"].folder)
     if _marker_ok(folder, images_per_class, seed):
         return folder
@@ -354,4 +351,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from core.cli import run
+    run(main)

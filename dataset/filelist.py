@@ -17,10 +17,11 @@ import csv
 import os
 
 from .specs import SPLITS, DatasetSpec, get_spec
-from .errors import DataError
+from core.errors import DataError
+from core.io import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
-HOW_TO_GET = "README: Datasets"
+HOW_TO_GET = "docs/datasets.md"
 TITLES = {"cifar100": "CIFAR-FS", "miniimagenet": "MiniImageNet", "cub": "CUB-200-2011"}
 
 Row = tuple[str, str]   # (filename relative to the data root, class name)
@@ -29,12 +30,12 @@ Row = tuple[str, str]   # (filename relative to the data root, class name)
 def write_csv(path: str, rows: list[Row]) -> None:
     """Write a split CSV atomically (temp file, then rename): never a half-written split."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
+
+    def write(f):
         w = csv.writer(f, lineterminator="\n")
         w.writerow(("filename", "label"))
         w.writerows(rows)
-    os.replace(tmp, path)
+    atomic_write(path, write, binary=False)
 
 
 def _missing(path: str, spec: DatasetSpec, what: str) -> DataError:

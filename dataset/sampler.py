@@ -6,7 +6,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .split import DataError, SplitData
+from core.errors import DataError
+
+from .split import SplitData
 
 
 @dataclass

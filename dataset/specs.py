@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core.errors import FlagError
+
 SPLITS = ("meta_train", "meta_val", "meta_test")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -25,7 +27,7 @@ class DatasetSpec:
     num_classes: tuple[int, int, int]   # classes in meta_train, meta_val, meta_test
     label_offset: int           # first id of this dataset's meta-train classes in the MH label space
     filelist_script: str        # the command that writes split/*.csv
-    pretrain_epochs: int        # DESIGN.md 2.1
+    pretrain_epochs: int        # epochs per API (docs/pretraining.md)
 
     def classes_in(self, split: str) -> int:
         return self.num_classes[SPLITS.index(split)]
@@ -52,6 +54,6 @@ MIX_IMAGE_SIZE = 84     # the meta model's input size in API-MH
 
 def get_spec(name: str) -> DatasetSpec:
     if name not in SPECS:
-        raise SystemExit(f"error: unknown --dataset {name!r}; choose one of {', '.join(SPECS)}"
+        raise FlagError(f"unknown --dataset {name!r}; choose one of {', '.join(SPECS)}"
                          + (" (or mix for API-MH in main.py)" if name != "mix" else ""))
     return SPECS[name]

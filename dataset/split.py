@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import DataError
+from core.errors import DataError
 from .specs import SPLITS, DatasetSpec
 
 
@@ -74,7 +74,7 @@ class SplitData:
             img = img.convert("RGB" if self.spec.channels == 3 else "L")
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read image {path} ({e}); re-download the dataset "
-                            f"(README: Datasets) and rerun {self.spec.filelist_script}") from None
+                            f"(docs/datasets.md) and rerun {self.spec.filelist_script}") from None
         s = self.spec.image_size
         if img.size != (s, s):
             img = img.resize((s, s), Image.BILINEAR)
@@ -92,7 +92,7 @@ def load_split(data_root: str, spec: DatasetSpec, split: str) -> SplitData:
         ensure_demo(data_root)
     if not os.path.isfile(path):
         raise DataError(f"{path} not found: prepare {spec.name} by placing it under "
-                        f"{os.path.join(data_root, spec.folder)} (README: Datasets) and running "
+                        f"{os.path.join(data_root, spec.folder)} (docs/datasets.md) and running "
                         f"`{spec.filelist_script} --data_root {data_root}`")
     files, names = read_split_csv(path)
     class_names = sorted(set(names))

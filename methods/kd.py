@@ -1,4 +1,4 @@
-"""Bi-level meta knowledge distillation: one API visit is one meta-training task (DESIGN.md §2.4).
+"""Bi-level meta knowledge distillation: one API visit is one meta-training task.
 
     support set S  = recover(API, num_sup_kd per class)                    (data-free)
     θ'             = θ − α ∇ KL(API(S) || f_θ(S))      (inner_update_num_kd steps)
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from core.config import DEFAULTS
 from dataset import normalize
 from synthesis.recover import ZOConfig, recover
 
@@ -20,15 +21,16 @@ from .maml import Params, Prep, accuracy, adapt, forward, kl_loss
 
 @dataclass
 class KDSettings:
-    num_sup_kd: int = 30            # recovered support images per class
-    num_qur_kd: int = 30            # recovered query images per class
-    inner_update_num_kd: int = 10
-    inner_lr: float = 0.01
-    first_order: bool = False       # --approx
-    generate_iterations: int = 200
-    Glr: float = 1e-3
-    zo: ZOConfig | None = None      # None: white-box generator gradients (ablation)
-    adv: float = 1.0                # weight of the boundary term on the query set
+    """The settings of one API visit; names and defaults are core.config.Config's."""
+    num_sup_kd: int = DEFAULTS.num_sup_kd
+    num_qur_kd: int = DEFAULTS.num_qur_kd
+    inner_update_num_kd: int = DEFAULTS.inner_update_num_kd
+    inner_lr: float = DEFAULTS.inner_lr
+    approx: bool = DEFAULTS.approx              # first-order MAML
+    generate_iterations: int = DEFAULTS.generate_iterations
+    Glr: float = DEFAULTS.Glr
+    adv: float = DEFAULTS.adv
+    zo: ZOConfig | None = None      # None: white-box generator gradients (the ablation without --ZO)
 
 
 @dataclass
@@ -55,7 +57,7 @@ def kd_task(model: nn.Module, params: Params, api, s: KDSettings, prep: Prep, *,
                      generator=generator)
     sp = api_probs(api, sx)
     adapted = adapt(model, params, prep(sx), sp, kl_loss, s.inner_update_num_kd, s.inner_lr,
-                    s.first_order, way=way)
+                    s.approx, way=way)
 
     student, adv = None, 0.0
     if boundary and s.adv > 0:

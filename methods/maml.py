@@ -37,7 +37,7 @@ def kl_loss(logits: torch.Tensor, api_probs: torch.Tensor) -> torch.Tensor:
     """KL(API(x) || f(x)) = Σ_c p_c (log p_c − log softmax(f(x))_c), averaged over the batch.
 
     A proper KL: log-probabilities of the student, probabilities of the API (temperature 1);
-    the original passed softmax outputs where log-probabilities belong (DESIGN.md §4)."""
+    the original passed softmax outputs where log-probabilities belong (docs/differences.md)."""
     return F.kl_div(F.log_softmax(logits, dim=-1), api_probs, reduction="batchmean")
 
 

@@ -1,4 +1,4 @@
-"""The meta-training loop of BiDf-MKD (DESIGN.md §2.6), its evaluation and its baselines.
+"""The meta-training loop of BiDf-MKD, its evaluation and its baselines (docs/method.md).
 
     for each meta-batch of episode_batch tasks:
         each task is an API visit (bi-level KD, methods/kd.py) when the trigger asks for one,
@@ -21,13 +21,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dataset import (MIX_DATASETS, check_episode, MIX_IMAGE_SIZE, SPECS, DataError, Task, fixed_tasks, get_spec,
-                     load_split, normalize, resize, sample_task)
+from core import run_dir
+from core.config import Config, check, default_out_dir, settings, visit_cost
+from core.device import pick_device
+from core.errors import CheckpointError, FlagError, Interrupted, QueryBudgetExceeded
+from core.io import atomic_json, atomic_torch_save, load_checkpoint, read_json
+from dataset import MIX_DATASETS, MIX_IMAGE_SIZE, Task, check_episode, fixed_tasks, get_spec, load_split, normalize, resize
 from dataset.specs import IMAGENET_MEAN, IMAGENET_STD
 from network import build
-
-from . import run_dir
-from .config import Config, check_flags, default_out_dir, visit_cost
 from .maml import evaluate, meta_params
 from .replay import replay_task
 
@@ -37,7 +38,7 @@ from .replay import replay_task
 @dataclass(frozen=True)
 class MetaInput:
     """What the meta model sees: images resized to `size`, normalised with mean/std, channels-last
-    (the meta model is kept channels-last too: measured 1.5x faster test-time adaptation on the CPU)."""
+    (the meta model is kept channels-last too: faster test-time adaptation on the CPU, bench/RESULTS.md)."""
     size: int
     channels: int
     mean: tuple
@@ -55,16 +56,6 @@ def meta_input(cfg: Config) -> MetaInput:
         return MetaInput(MIX_IMAGE_SIZE, 3, IMAGENET_MEAN, IMAGENET_STD)
     s = get_spec(cfg.dataset)
     return MetaInput(s.image_size, s.channels, tuple(s.mean), tuple(s.std))
-
-
-def pick_device(cfg: Config) -> torch.device:
-    if torch.cuda.is_available():
-        if cfg.gpu >= torch.cuda.device_count():
-            raise SystemExit(f"error: --gpu {cfg.gpu} but only {torch.cuda.device_count()} CUDA device(s) "
-                             f"are visible (--multigpu {cfg.multigpu}); pick another --gpu")
-        return torch.device(f"cuda:{cfg.gpu}")
-    print("note: no CUDA device available, running on the CPU")
-    return torch.device("cpu")
 
 
 def eval_datasets(cfg: Config) -> list[str]:
@@ -178,10 +169,10 @@ class Trainer:
     """Owns the run: model, optimiser, task source, outputs. `run()` is the whole loop."""
 
     def __init__(self, cfg: Config):
-        check_flags(cfg)
+        check(cfg)
         self.cfg = cfg
         self.out_dir = default_out_dir(cfg)
-        self.device = pick_device(cfg)
+        self.device = pick_device(cfg.gpu, say=lambda m: print(f"note: {m}"))
         self.prep = meta_input(cfg)
         self.splits = load_eval_splits(cfg)
         # Everything that can fail on the user's data or pool fails before the run directory is touched.
@@ -219,12 +210,12 @@ class Trainer:
 
     def _load_meta_model(self, path: str) -> None:
         """Weights of a saved meta model (best.pth or last.pth of a run with the same geometry)."""
+        ck = load_checkpoint(path, what="meta-model checkpoint", hint="pass a run's best.pth or last.pth")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)["model"]
-            self.model.load_state_dict(state)
-        except (KeyError, RuntimeError, OSError, EOFError) as e:
-            raise SystemExit(f"error: --evaluate {path} is not a meta-model checkpoint of this geometry "
-                             f"(--backbone/--way_train/--dataset): {str(e).splitlines()[0]}") from None
+            self.model.load_state_dict(ck["model"])
+        except (KeyError, RuntimeError) as e:
+            raise CheckpointError(f"--evaluate {path} is not a meta-model checkpoint of this geometry "
+                                  f"(--backbone/--way_train/--dataset): {str(e).splitlines()[0]}") from None
 
     # -- the API pool and the memory
     def _open_pool(self) -> None:
@@ -237,21 +228,19 @@ class Trainer:
         problem = check_replay_flags(cfg.num_sup_kd, cfg.num_qur_kd, cfg.num_sup_train, cfg.num_qur_train,
                                      cfg.max_batch_per_class)
         if problem:
-            raise SystemExit(f"error: {problem}")
+            raise FlagError(problem)
         # White-box (no --ZO, the ablation): the generator back-propagates through the API.
         self.pool = APIPool.load(cfg.pretrained_path_prefix, cfg.dataset, arch, cfg.way_pretrain, cfg.APInum,
                                  self.device, white_box=not cfg.ZO, budget=cfg.query_budget)
         classes = len(self.pool.classes)
         if cfg.way_train > classes:
-            raise SystemExit(f"error: --way_train {cfg.way_train} exceeds the {classes} classes the API pool "
+            raise FlagError(f"--way_train {cfg.way_train} exceeds the {classes} classes the API pool "
                              f"covers; lower --way_train or pretrain more APIs")
         if cfg.query_budget is not None and cfg.query_budget < visit_cost(cfg):
-            raise SystemExit(f"error: --query_budget {cfg.query_budget} does not cover one API visit "
+            raise FlagError(f"--query_budget {cfg.query_budget} does not cover one API visit "
                              f"(~{visit_cost(cfg)} queries with these flags); raise it or lower --generate_iterations/--q")
         self.memory = TaskMemory(cfg.max_batch_per_class, image_size=self.prep.size)
-        self.kd = KDSettings(cfg.num_sup_kd, cfg.num_qur_kd, cfg.inner_update_num_kd, cfg.inner_lr, cfg.approx,
-                             cfg.generate_iterations, cfg.Glr,
-                             ZOConfig(q=cfg.q, mu=cfg.mu, numsplit=cfg.numsplit) if cfg.ZO else None, cfg.adv)
+        self.kd = settings(KDSettings, cfg, zo=settings(ZOConfig, cfg) if cfg.ZO else None)
 
     def queries(self) -> int:
         return self.pool.queries if self.pool is not None else 0
@@ -272,11 +261,8 @@ class Trainer:
         return ck
 
     def _load(self, path: str) -> None:
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=False)
-        except (RuntimeError, OSError, EOFError, ValueError) as e:
-            raise SystemExit(f"error: cannot read the checkpoint {path} ({str(e).splitlines()[0][:80]}); it is "
-                             "left untouched: restore it, or pass --overwrite to start the run over") from None
+        ck = load_checkpoint(path, what="run checkpoint", hint="it is left untouched: restore it, or pass "
+                                                               "--overwrite to start the run over")
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.rng.bit_generator.state = ck["numpy_rng"]
@@ -292,10 +278,10 @@ class Trainer:
 
     def save_last(self) -> None:
         self.saved_task = self.state.task
-        run_dir.atomic_torch_save(self._checkpoint(), os.path.join(self.out_dir, "last.pth"))
+        atomic_torch_save(self._checkpoint(), os.path.join(self.out_dir, "last.pth"))
 
     def save_best(self) -> None:
-        run_dir.atomic_torch_save({"config": self.cfg.to_dict(), "model": self.model.state_dict(),
+        atomic_torch_save({"config": self.cfg.to_dict(), "model": self.model.state_dict(),
                                    "task": self.state.task, "val_acc": self.state.best_val,
                                    "test_acc": self.state.best_val_test},
                                   os.path.join(self.out_dir, "best.pth"))
@@ -310,7 +296,8 @@ class Trainer:
             self.state.budget_note = True
         return False
 
-    def _api_visit(self, task_id: int) -> tuple[torch.Tensor, float]:
+    def visit_api(self, task_id: int) -> tuple[torch.Tensor, float]:
+        """Task `task_id` as an API visit (one bi-level KD task); (outer loss, query accuracy)."""
         from .kd import kd_task
         cfg = self.cfg
         api = self.pool.draw(self.rng)
@@ -340,7 +327,8 @@ class Trainer:
             pick = x.view(way, per, *x.shape[1:])[:, :k].reshape(way * k, *x.shape[1:])
             self.tb.add_image(f"recovered/{name}", make_grid(pick.float().cpu(), nrow=k), task_id)
 
-    def _replay(self) -> tuple[torch.Tensor, float]:
+    def replay(self) -> tuple[torch.Tensor, float]:
+        """One replay task from the memory (or the real images for maml_real); (outer loss, accuracy)."""
         cfg = self.cfg
         source = self.real if self.real is not None else self.memory
         task = source.sample_task(cfg.way_train, cfg.num_sup_train, cfg.num_qur_train, self.rng).to(self.device)
@@ -351,17 +339,17 @@ class Trainer:
     def _one_task(self, task_id: int) -> tuple[torch.Tensor, float]:
         cfg = self.cfg
         if self.real is not None:
-            return self._replay()
+            return self.replay()
         can_replay = self.memory.can_sample(cfg.way_train, cfg.num_sup_train, cfg.num_qur_train)
         if (self.state.visit_next or not can_replay) and self._visit_allowed():
-            return self._api_visit(task_id)
+            return self.visit_api(task_id)
         if not can_replay:
-            raise SystemExit(f"error: the query budget is spent and the task memory cannot yet supply "
+            raise QueryBudgetExceeded(f"the query budget is spent and the task memory cannot yet supply "
                              f"{cfg.way_train}-way tasks of {cfg.num_sup_train}+{cfg.num_qur_train} images per "
                              "class; raise --query_budget or lower --way_train/--num_sup_train/--num_qur_train")
-        return self._replay()
+        return self.replay()
 
-    # -- the trigger (DESIGN.md §2.6)
+    # -- the trigger
     def _trigger(self, acc: float) -> None:
         s = self.state
         if s.best_batch_acc is None or acc > s.best_batch_acc:
@@ -423,7 +411,7 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         if self.finished:
-            summary = run_dir.read_json(os.path.join(self.out_dir, "summary.json"))
+            summary = read_json(os.path.join(self.out_dir, "summary.json"))
             print(f"{self.out_dir} is already finished: test {summary['test_acc']:.2f} ± {summary['test_ci']:.2f}")
             return summary
         if cfg.evaluate:
@@ -437,7 +425,7 @@ class Trainer:
         except KeyboardInterrupt:
             kept = (f"the checkpoint of task {self.saved_task} in {self.out_dir} is kept: add --resume to continue "
                     "from it") if self.saved_task is not None else "no checkpoint was written yet"
-            raise SystemExit(f"interrupted during task {self.state.task + 1}; {kept}") from None
+            raise Interrupted(f"interrupted during task {self.state.task + 1}; {kept}") from None
         return self._finish()
 
     def _loop(self) -> None:
@@ -490,14 +478,14 @@ class Trainer:
                    "wall_seconds": round(time.time() - t, 2), "device": str(self.device)}
         if cfg.mh:
             summary["per_dataset"] = {ds: {"acc": a, "ci": c} for (_, ds), (a, c) in res.items()}
-        run_dir.atomic_json(summary, os.path.join(self.out_dir, "summary.json"))
+        atomic_json(summary, os.path.join(self.out_dir, "summary.json"))
         print(f"done: {cfg.way_test}-way {cfg.num_sup_test}-shot meta_test {test:.2f} ± {test_ci:.2f} "
               f"({cfg.episode_test} tasks) of {cfg.evaluate} -> {self.out_dir}")
         return summary
 
     def _finish(self) -> dict:
         summary = self.summary()
-        run_dir.atomic_json(summary, os.path.join(self.out_dir, "summary.json"))
+        atomic_json(summary, os.path.join(self.out_dir, "summary.json"))
         self.tb.close()
         print(f"done: meta_test {summary['test_acc']:.2f} ± {summary['test_ci']:.2f} (model chosen on meta_val "
               f"{summary['val_acc']:.2f}); best on test (original protocol) "

@@ -1,4 +1,4 @@
-"""Pretrain the pool of APIs (DESIGN.md 2.1): each API is a classifier on `way` classes of a
+"""Pretrain the pool of APIs: each API is a classifier on `way` classes of a
 dataset's meta-train split, later served to meta-training as a black box.
 
     pool dir = <prefix>/<dataset>/<arch>/meta_train/<way>way/model/
@@ -7,15 +7,14 @@ dataset's meta-train split, later served to meta-training as a black box.
 
 The pool is resumable (a finished API is a complete file; files are written under a temporary
 name and renamed) and shardable (under torchrun, rank r trains the APIs i with i % world == r).
-API i's classes and initial weights depend only on (seed, i), whichever process trains it.
+API i's classes and initial weights depend only on (api_seed, i), whichever process trains it.
+File layout and reading: synthesis/store.py.
 """
 from __future__ import annotations
 
 import copy
-import glob
 import json
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,7 +26,12 @@ from torch import nn
 from tqdm import tqdm
 
 import network
-from dataset import DataError, DatasetSpec, get_spec, load_split, normalize, random_crop_flip, train_val_indices
+from core.config import Config, check_at_least
+from core.device import pick_device
+from core.errors import DataError, FlagError, PoolError
+from core.io import atomic_text
+from dataset import DatasetSpec, get_spec, load_split, normalize, random_crop_flip, train_val_indices
+from synthesis.store import api_files, api_path, pool_dir, read_meta, write_api
 
 GRAD_CLIP = 50.0
 LR_MILESTONES = (30, 50, 80)    # resnet schedule: lr x LR_GAMMA at these epochs
@@ -35,23 +39,6 @@ LR_GAMMA = 0.2
 EVAL_BATCH = 512
 # Settings that define a pool: an existing API file that differs in any of them belongs to another pool.
 IDENTITY_KEYS = ("dataset", "arch", "way", "classes", "image_size", "channels", "epochs")
-
-
-@dataclass
-class PretrainConfig:
-    dataset: str = "cifar100"
-    arch: str = "conv4"
-    api_num: int = 100
-    way: int = 5
-    prefix: str = "./pretrained_blackbox"
-    data_root: str = "./DFL2Ldata"
-    gpu: int = 0
-    seed: int = 0
-    epochs: int | None = None       # None: spec.pretrain_epochs (60 cifar100/miniimagenet/demo, 100 cub)
-    batch_size: int = 128
-    lr: float | None = None         # None: 0.01 (Adam for conv4, SGD for resnets)
-    workers: int = 0                # threads decoding images (large datasets)
-    tensorboard: bool = True
 
 
 @dataclass
@@ -82,15 +69,6 @@ class APIData:
 
 # ----------------------------------------------------------------------------- paths and seeds
 
-def pool_dir(prefix: str, dataset: str, arch: str, way: int) -> str:
-    """The original's layout, so pools can be shared."""
-    return os.path.join(prefix, dataset, arch, "meta_train", f"{way}way", "model")
-
-
-def api_path(folder: str, index: int) -> str:
-    return os.path.join(folder, f"model_specific_{index}.pth")
-
-
 def api_classes(seed: int, index: int, num_classes: int, way: int) -> list[int]:
     """The meta-train classes of API `index`: `way` distinct ids, sorted, a function of (seed, index)."""
     rng = np.random.default_rng([seed, index])
@@ -102,30 +80,8 @@ def api_torch_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index, 1]).generate_state(1)[0])
 
 
-def resolve_epochs(cfg: PretrainConfig, spec: DatasetSpec) -> int:
+def resolve_epochs(cfg: Config, spec: DatasetSpec) -> int:
     return spec.pretrain_epochs if cfg.epochs is None else cfg.epochs
-
-
-# ----------------------------------------------------------------------------- device
-
-def pick_device(gpu: int, dist: Dist, say=print) -> torch.device:
-    """cuda:<local rank> under torchrun, cuda:<gpu> otherwise; CPU (said once) without CUDA."""
-    if torch.cuda.is_available():
-        index = dist.local_rank if dist.world > 1 else gpu
-        n = torch.cuda.device_count()
-        if not 0 <= index < n:
-            what = (f"local rank {index} (one GPU per process)" if dist.world > 1 else f"--gpu {index}")
-            raise SystemExit(f"error: {what} but only {n} CUDA device(s) are visible (0..{n - 1})"
-                             + ("; use --nproc_per_node <= the number of GPUs" if dist.world > 1 else ""))
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    if dist.world > 1:
-        # The processes share the CPU: split its cores instead of oversubscribing them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world))
-    if dist.rank == 0:
-        say("no CUDA device: running on the CPU"
-            + (f" ({dist.world} processes, {torch.get_num_threads()} thread(s) each)" if dist.world > 1 else ""))
-    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- data
@@ -227,68 +183,34 @@ def train_api(arch: str, way: int, d: APIData, *, epochs: int, batch_size: int, 
 
 # ----------------------------------------------------------------------------- files
 
-def atomic_save(obj, path: str, saver=torch.save) -> None:
-    """Write `obj` to a temporary name beside `path`, then rename: a crash never leaves a partial file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        saver(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_summary(rows: list[dict], path: str) -> None:
     """pool.json: a JSON list, one API per line."""
-    def dump(o, p):
-        with open(p, "w") as f:
-            f.write("[\n" + ",\n".join(" " + json.dumps(r) for r in o) + "\n]\n")
-    atomic_save(rows, path, dump)
+    atomic_text("[\n" + ",\n".join(" " + json.dumps(r) for r in rows) + "\n]\n", path)
 
 
-def read_api_meta(path: str) -> dict:
-    """Everything in an API file but the weights (memory-mapped: the weights are not read)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:      # noqa: BLE001 - any unreadable file gets the same advice
-        raise DataError(f"{path} is not a readable API checkpoint ({type(e).__name__}: {e}); "
-                        "delete it and rerun pretrain.py to retrain it") from None
-    ckpt.pop("state_dict", None)
-    return ckpt
-
-
-def expected_identity(cfg: PretrainConfig, spec: DatasetSpec, index: int) -> dict:
-    return {"dataset": spec.name, "arch": cfg.arch, "way": cfg.way,
-            "classes": api_classes(cfg.seed, index, spec.classes_in("meta_train"), cfg.way),
+def expected_identity(cfg: Config, spec: DatasetSpec, index: int) -> dict:
+    return {"dataset": spec.name, "arch": cfg.pre_backbone, "way": cfg.way_pretrain,
+            "classes": api_classes(cfg.api_seed, index, spec.classes_in("meta_train"), cfg.way_pretrain),
             "image_size": spec.image_size, "channels": spec.channels, "epochs": resolve_epochs(cfg, spec)}
 
 
-def check_api_file(path: str, cfg: PretrainConfig, spec: DatasetSpec, index: int) -> dict:
+def check_api_file(path: str, cfg: Config, spec: DatasetSpec, index: int) -> dict:
     """Metadata of an existing API file; raises one clear error if it belongs to another pool."""
-    meta = read_api_meta(path)
+    meta = read_meta(path)
     want = expected_identity(cfg, spec, index)
     diff = [f"{k} {meta.get(k)!r} (asked: {want[k]!r})" for k in IDENTITY_KEYS if meta.get(k) != want[k]]
     if diff:
         hint = (f" (it was trained with --seed {meta.get('seed')})"
-                if any(d.startswith("classes") for d in diff) and meta.get("seed") != cfg.seed else "")
-        raise DataError(f"{path} was trained with other settings: {'; '.join(diff)}{hint}. Pools are never "
+                if any(d.startswith("classes") for d in diff) and meta.get("seed") != cfg.api_seed else "")
+        raise PoolError(f"{path} was trained with other settings: {'; '.join(diff)}{hint}. Pools are never "
                         f"mixed: pass another --pretrained_path_prefix, or delete {os.path.dirname(path)} "
                         "to retrain it")
     return meta
 
 
-def existing_indices(folder: str) -> list[int]:
-    found = []
-    for p in glob.glob(os.path.join(folder, "model_specific_*.pth")):
-        m = re.fullmatch(r"model_specific_(\d+)\.pth", os.path.basename(p))
-        if m:
-            found.append(int(m.group(1)))
-    return sorted(found)
-
-
-def scan_pool(folder: str, cfg: PretrainConfig, spec: DatasetSpec) -> dict[int, dict]:
+def scan_pool(folder: str, cfg: Config, spec: DatasetSpec) -> dict[int, dict]:
     """{index: metadata} of every API file in the folder, each checked against the settings."""
-    return {i: check_api_file(api_path(folder, i), cfg, spec, i) for i in existing_indices(folder)}
+    return {i: check_api_file(api_path(folder, i), cfg, spec, i) for i in api_files(folder)}
 
 
 def summary_rows(metas: dict[int, dict]) -> list[dict]:
@@ -308,7 +230,7 @@ def format_table(rows: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------- the pool
 
-def pretrain_one(cfg: PretrainConfig, data, index: int, device: torch.device, dist: Dist,
+def pretrain_one(cfg: Config, data, index: int, device: torch.device, dist: Dist,
                  folder: str, position: int = 1) -> dict:
     """Train API `index` and write its file; returns the checkpoint metadata."""
     spec = data.spec
@@ -319,20 +241,20 @@ def pretrain_one(cfg: PretrainConfig, data, index: int, device: torch.device, di
     if cfg.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(folder, "tensorboard", f"api_{index}"))
-    seed = api_torch_seed(cfg.seed, index)
+    seed = api_torch_seed(cfg.api_seed, index)
     try:
         state, val_acc, best_epoch = train_api(
-            cfg.arch, cfg.way, d, epochs=ident["epochs"], batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
+            cfg.pre_backbone, cfg.way_pretrain, d, epochs=ident["epochs"], batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
             desc=f"api {index}", position=position, show=dist.rank == 0, writer=writer)
     finally:
         if writer is not None:
             writer.close()
-    ckpt = {"state_dict": state, **ident, "val_acc": val_acc, "index": index, "seed": cfg.seed,
+    ckpt = {"state_dict": state, **ident, "val_acc": val_acc, "index": index, "seed": cfg.api_seed,
             "best_epoch": best_epoch, "lr": 0.01 if cfg.lr is None else cfg.lr, "batch_size": cfg.batch_size,
             "num_train": len(d.train_x), "num_val": len(d.val_x),
             "trained_by": {"rank": dist.rank, "world_size": dist.world, "device": str(device)},
             "train_seconds": round(time.time() - t0, 2)}
-    atomic_save(ckpt, api_path(folder, index))
+    write_api(ckpt, api_path(folder, index))
     ckpt.pop("state_dict")
     return ckpt
 
@@ -346,37 +268,34 @@ def wait_for(paths: list[str], poll: float = 2.0) -> None:
         time.sleep(poll)
 
 
-def pretrain_pool(cfg: PretrainConfig, dist: Dist | None = None, say=print) -> list[dict] | None:
+def pretrain_pool(cfg: Config, dist: Dist | None = None, say=print) -> list[dict] | None:
     """Train the pool's missing APIs (this rank's share) and, on rank 0, write pool.json.
 
     Returns the summary rows on rank 0, None on the other ranks.
     """
     dist = dist or Dist.from_env()
     spec = get_spec(cfg.dataset)
-    if cfg.arch not in network.ARCHS:
-        raise SystemExit(f"error: unknown --pre_backbone {cfg.arch!r}; choose one of {', '.join(network.ARCHS)}")
-    if cfg.api_num < 1:
-        raise SystemExit(f"error: --APInum must be at least 1 (got {cfg.api_num})")
-    if cfg.way < 2:
-        raise SystemExit(f"error: --way_pretrain must be at least 2 (got {cfg.way})")
-    if cfg.batch_size < 2 or (cfg.epochs is not None and cfg.epochs < 1):
-        raise SystemExit(f"error: need --batch_size >= 2 and --epochs >= 1 (got {cfg.batch_size}, {cfg.epochs})")
+    if cfg.pre_backbone not in network.ARCHS:
+        raise FlagError(f"--pre_backbone {cfg.pre_backbone!r} cannot be pretrained; choose one of "
+                        f"{', '.join(network.ARCHS)} (pools for API-SH/MH are one pretrain.py run per architecture)")
+    check_at_least(cfg, {"APInum": 1, "way_pretrain": 2, "batch_size": 2, "epochs": 1, "workers": 0})
     data = load_split(cfg.data_root, spec, "meta_train")
-    if data.num_classes < cfg.way:
+    if data.num_classes < cfg.way_pretrain:
         raise DataError(f"{spec.name} meta_train has {data.num_classes} classes, fewer than "
-                        f"--way_pretrain {cfg.way}; lower --way_pretrain or check the split CSV")
+                        f"--way_pretrain {cfg.way_pretrain}; lower --way_pretrain or check the split CSV")
     if data.num_classes != spec.classes_in("meta_train"):
         raise DataError(f"{spec.name} meta_train has {data.num_classes} classes, expected "
                         f"{spec.classes_in('meta_train')}; rerun `{spec.filelist_script}`")
-    folder = pool_dir(cfg.prefix, spec.name, cfg.arch, cfg.way)
+    folder = pool_dir(cfg.pretrained_path_prefix, spec.name, cfg.pre_backbone, cfg.way_pretrain)
     os.makedirs(folder, exist_ok=True)
     done = scan_pool(folder, cfg, spec)     # raises before any training if the folder is another pool's
-    device = pick_device(cfg.gpu, dist, say)
-    mine = [i for i in range(cfg.api_num) if dist.owns(i)]
+    device = pick_device(cfg.gpu, local_rank=dist.local_rank, world=dist.world,
+                         say=say if dist.rank == 0 else None)
+    mine = [i for i in range(cfg.APInum) if dist.owns(i)]
     todo = [i for i in mine if i not in done]
     tag = f"[rank {dist.rank}/{dist.world}] " if dist.world > 1 else ""
     say(f"{tag}{folder}: {len(mine) - len(todo)} of this process's {len(mine)} API(s) already trained, "
-        f"training {len(todo)} ({cfg.arch}, {cfg.way}-way, {resolve_epochs(cfg, spec)} epochs, {device})")
+        f"training {len(todo)} ({cfg.pre_backbone}, {cfg.way_pretrain}-way, {resolve_epochs(cfg, spec)} epochs, {device})")
     # Under torchrun only rank 0 draws bars (the others' would garble the terminal); every rank
     # prints one line per finished API.
     pool_bar = tqdm(todo, desc=f"{tag}pool", position=0, dynamic_ncols=True, disable=dist.rank != 0 or not todo)
@@ -389,7 +308,7 @@ def pretrain_pool(cfg: PretrainConfig, dist: Dist | None = None, say=print) -> l
 
     if dist.rank != 0:
         return None
-    others = [api_path(folder, i) for i in range(cfg.api_num)]
+    others = [api_path(folder, i) for i in range(cfg.APInum)]
     if not all(os.path.exists(p) for p in others):
         say(f"{tag}waiting for the other processes' APIs")
         wait_for(others)

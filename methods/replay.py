@@ -1,4 +1,4 @@
-"""Task memory replay: plain MAML on a task drawn from the recovered images (DESIGN.md §2.5).
+"""Task memory replay: plain MAML on a task drawn from the recovered images.
 
     θ' = θ − α ∇ CE(f_θ(S), y_S)   (inner_update_num steps);   outer loss CE(f_θ'(Q), y_Q)
 """

@@ -27,4 +27,4 @@ def build(name: str, num_classes: int = 5, *, channels: int = 3, image_size: int
         return resnet18(num_classes, channels, batch_stats)
     if name == "generator":
         return Generator(nz, image_size, channels)
-    raise SystemExit(f"error: unknown architecture {name!r}; choose one of {', '.join(ARCHS)}")
+    raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHS)}")

@@ -1,4 +1,4 @@
-"""The image generator inverted against an API (DESIGN.md 2.3)."""
+"""The image generator inverted against an API (docs/method.md)."""
 from __future__ import annotations
 
 import torch

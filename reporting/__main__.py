@@ -3,6 +3,9 @@ import argparse
 import json
 import os
 
+from core.cli import run
+from core.errors import BidfError
+
 from . import figures, results
 
 
@@ -12,7 +15,7 @@ def main(argv=None) -> None:
     p.add_argument("--note", default="", help="a line appended under the table")
     a = p.parse_args(argv)
     if not os.path.isdir(a.out):
-        raise SystemExit(f"error: {a.out} is not a directory; pass the directory scriptskd/demo.sh printed")
+        raise BidfError(f"{a.out} is not a directory; pass the directory scriptskd/demo.sh printed")
     res = results.write(a.out, a.note)
     figs = os.path.join(a.out, "figs")
     os.makedirs(figs, exist_ok=True)
@@ -28,4 +31,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -11,6 +11,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
+from core.io import atomic_write, load_checkpoint  # noqa: E402
 from dataset import get_spec, load_split  # noqa: E402
 
 LABELS = {"bidf_mkd": "BiDf-MKD (black-box, ZO)", "maml_real": "MAML on real data (upper bound)"}
@@ -53,7 +54,7 @@ def accuracy_curves(runs: dict[str, str], path: str, baseline: tuple[float, floa
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
 
 
@@ -61,12 +62,12 @@ def recovered_vs_real(run: str, path: str, n_apis: int = 3, per_class: int = 6) 
     """For up to `n_apis` APIs of the run's pool whose classes the task memory holds: one row per
     class, `per_class` recovered images (left) next to `per_class` real meta-train images of the same
     class (right). Reads the run's last.pth (memory) and config.json. False if nothing to show."""
-    from synthesis.pool import pool_dir
+    from synthesis.store import pool_dir
     if not os.path.isfile(os.path.join(run, "last.pth")):
         return False
     with open(os.path.join(run, "config.json")) as f:
         cfg = json.load(f)
-    ck = torch.load(os.path.join(run, "last.pth"), map_location="cpu", weights_only=False)
+    ck = load_checkpoint(os.path.join(run, "last.pth"), what="run checkpoint")
     store = ck.get("memory", {}).get("store", {})
     if not store or cfg["dataset"] == "mix":
         return False
@@ -96,6 +97,6 @@ def recovered_vs_real(run: str, path: str, n_apis: int = 3, per_class: int = 6) 
     axes[0].set_yticks([side * (i * way + way / 2) for i in range(len(apis))])
     axes[0].set_yticklabels([f"API {a['index']}" for a in apis], fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
     return True

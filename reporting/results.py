@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 
+from core.io import atomic_json, atomic_text
+
 METHODS = (("random_init", "random-init meta model"),
            ("bidf_mkd", "BiDf-MKD (black-box, ZO)"),
            ("maml_real", "MAML on the real meta-train data (upper bound)"))
@@ -75,8 +77,6 @@ def markdown(res: dict, note: str = "") -> str:
 def write(out: str, note: str = "") -> dict:
     """results.json and results.md in <out>; returns the results."""
     res = collect(out)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(res, f, indent=2)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(markdown(res, note))
+    atomic_json(res, os.path.join(out, "results.json"))
+    atomic_text(markdown(res, note), os.path.join(out, "results.md"))
     return res

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole method on the embedded demo dataset, on a CPU, in about a quarter of an hour:
+# The whole method on the embedded demo dataset (settings: the preset config/demo.py), on a CPU in
+# minutes (bench/RESULTS.md):
 #   1. make the demo dataset (DFL2Ldata/demo, once)
 #   2. pretrain a small pool of conv4 APIs (pretrained_blackbox/demo/..., once; resumable)
 #   3. BiDf-MKD, API-SS, zero-order (black-box) synthesis, 5-way 1-shot meta-training, and beside it
@@ -12,11 +13,10 @@
 set -eo pipefail
 . "$(dirname "$0")/env.sh"
 
-APIS=${DEMO_APIS:-8}                # APIs in the pool
-API_EPOCHS=${DEMO_API_EPOCHS:-20}   # epochs per API
-TASKS=${DEMO_TASKS:-400}            # meta-training tasks (API visits + replay), both methods
-Q=${DEMO_Q:-20}                     # ZO random directions per image (paper: 100)
-GEN_ITERS=${DEMO_GEN_ITERS:-40}     # generator steps per synthesis (paper: 200)
+# Scale knobs: unset, the preset config/demo.py decides; set, they override it.
+SCALE=(${DEMO_APIS:+--APInum "$DEMO_APIS"} ${DEMO_TASKS:+--episode_train "$DEMO_TASKS"} ${DEMO_Q:+--q "$DEMO_Q"}
+       ${DEMO_GEN_ITERS:+--generate_iterations "$DEMO_GEN_ITERS"})
+API_EPOCHS=(${DEMO_API_EPOCHS:+--epochs "$DEMO_API_EPOCHS"})
 TEST_TASKS=${DEMO_TEST_TASKS:-600}  # final meta-test tasks per row
 OUT=${DEMO_OUT:-runs/demo-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT/eval"
@@ -32,34 +32,27 @@ stage() {   # stage NAME CMD...: run and time one stage
 T0=$SECONDS
 
 stage data python -m dataset.demo --data_root ./DFL2Ldata
-stage pretrain python pretrain.py --dataset demo --pre_backbone conv4 --APInum "$APIS" --epochs "$API_EPOCHS" \
-  --pretrained_path_prefix ./pretrained_blackbox --data_root ./DFL2Ldata
+stage pretrain python pretrain.py --preset demo "${API_EPOCHS[@]}" ${DEMO_APIS:+--APInum "$DEMO_APIS"}
 
-COMMON=(--dataset demo --data_root ./DFL2Ldata --way_train 5 --num_sup_train 1 --num_qur_train 15
-        --way_test 5 --num_sup_test 1 --num_qur_test 15 --episode_train "$TASKS" --episode_test 100
-        --val_interval 100 --save_interval 100 --resume)
 evaluate() {   # evaluate METHOD CHECKPOINT SHOT: 600-task meta_test accuracy of one model
-  python main.py --dataset demo --data_root ./DFL2Ldata --evaluate "$2" --way_test 5 --num_sup_test "$3" \
-    --num_qur_test 15 --episode_test "$TEST_TASKS" --out_dir "$OUT/eval/$1_$3shot" --resume
+  python main.py --preset demo --evaluate "$2" --num_sup_test "$3" --episode_test "$TEST_TASKS" \
+    --out_dir "$OUT/eval/$1_$3shot" --resume
 }
 bidf_mkd() {   # the method, then its two evaluations
-  python main.py "${COMMON[@]}" --out_dir "$OUT/bidf_mkd" \
-    --pretrained_path_prefix ./pretrained_blackbox --pre_backbone conv4 --APInum "$APIS" \
-    --ZO --q "$Q" --mu 0.005 --numsplit 1 --generate_iterations "$GEN_ITERS" --Glr 0.001 \
-    --num_sup_kd 5 --num_qur_kd 15 --inner_update_num_kd 10 --generate_interval 4 --adv 1 --advstartit 25
+  python main.py --preset demo "${SCALE[@]}" --out_dir "$OUT/bidf_mkd" --resume
   evaluate bidf_mkd "$OUT/bidf_mkd/best.pth" 1
   evaluate bidf_mkd "$OUT/bidf_mkd/best.pth" 5
 }
 baselines() {  # the upper bound (MAML on real images) and the floor (random init), with their evaluations
-  python main.py "${COMMON[@]}" --out_dir "$OUT/maml_real" --baseline maml_real
+  python main.py --preset demo "${SCALE[@]}" --out_dir "$OUT/maml_real" --baseline maml_real --resume
   for shot in 1 5; do
     evaluate maml_real "$OUT/maml_real/best.pth" "$shot"
     evaluate random_init random "$shot"
   done
 }
-# Small-batch meta-learning runs faster on one thread per process than on two threads (measured:
-# a 1-shot test task 0.05 s on one thread, 0.10 s on two), so the method and the baselines run side
-# by side, one core each. The method's progress is shown; the baselines' goes to a log.
+# Small-batch meta-learning runs faster on one thread per process than on two threads
+# (bench/RESULTS.md), so the method and the baselines run side by side, one core each. The method's
+# progress is shown; the baselines' goes to a log.
 echo "[demo] == bidf_mkd, with the baselines alongside (log: $OUT/baselines.log)"
 t0=$SECONDS
 ( export OMP_NUM_THREADS=1; baselines > "$OUT/baselines.log" 2>&1; echo $((SECONDS - t0)) > "$OUT/.baselines_seconds" ) &
@@ -73,5 +66,5 @@ grep -h "^done:" "$OUT/baselines.log" || true
 { printf '{"total": %d, "stages": {' "$((SECONDS - T0))"; sep=""
   for k in data pretrain bidf_mkd baselines; do printf '%s"%s": %d' "$sep" "$k" "${SECONDS_OF[$k]}"; sep=", "; done
   printf '}}\n'; } > "$OUT/timing.json"
-python -m reporting "$OUT" --note "Demo scale: $APIS conv4 APIs ($API_EPOCHS epochs), $TASKS meta-training tasks, ZO q=$Q, $GEN_ITERS generator steps per synthesis; models chosen on meta_val (100 tasks); the 5-shot rows evaluate the 1-shot-trained models; bidf_mkd and the baselines ran side by side, one core each."
+python -m reporting "$OUT" --note "Demo scale: the preset config/demo.py${SCALE[*]:+ with ${SCALE[*]}}; models chosen on meta_val (100 tasks); the 5-shot rows evaluate the 1-shot-trained models; bidf_mkd and the baselines ran side by side, one core each."
 echo "[demo] results: $OUT"

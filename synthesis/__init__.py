@@ -1,5 +1,5 @@
 """Black-box data recovery: the API wrapper and pool, the zero-order estimator, generator inversion
-and the task memory (DESIGN.md 2.2, 2.3, 2.5).
+and the task memory (docs/method.md).
 
     from synthesis.api import BlackBoxAPI        from synthesis.zo import zo_grad, surrogate
     from synthesis.pool import APIPool           from synthesis.recover import ZOConfig, recover

@@ -18,61 +18,56 @@ import time
 
 import torch
 
+from core.cli import run
+from core.config import Config, check_at_least, parse, settings
+from core.device import pick_device
+from core.errors import FlagError
+
 from .pool import APIPool
 from .recover import ZOConfig, affine_normalizer, recover, save_grid
 
 
-def pick_device(gpu: int | None) -> torch.device:
-    """cuda:<gpu> when CUDA is there (default 0), else the CPU."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    index = 0 if gpu is None else gpu
-    if not 0 <= index < torch.cuda.device_count():
-        raise SystemExit(f"error: --gpu {index} but only {torch.cuda.device_count()} CUDA device(s) are visible")
-    return torch.device("cuda", index)
+FLAGS = ("dataset", "pre_backbone", "pretrained_path_prefix", "way_pretrain", "ZO", "q", "mu", "numsplit",
+         "generate_iterations", "Glr", "query_budget", "gpu", "seed")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m synthesis", description="Recover images from one API of a "
-                                "pretrained pool by generator inversion; save them as a grid.")
-    p.add_argument("--dataset", default="cifar100", choices=["cifar100", "miniimagenet", "cub", "demo"])
-    p.add_argument("--pre_backbone", default="conv4", choices=["conv4", "resnet10", "resnet18"])
-    p.add_argument("--api", type=int, default=0, help="index i of model_specific_<i>.pth")
-    p.add_argument("--pretrained_path_prefix", default="./pretrained_blackbox")
-    p.add_argument("--way_pretrain", type=int, default=5)
-    p.add_argument("--ZO", action="store_true", help="black-box: zero-order gradient estimates (else white-box)")
-    p.add_argument("--q", type=int, default=100, help="random directions per image per step")
-    p.add_argument("--mu", type=float, default=0.005, help="finite-difference smoothing radius")
-    p.add_argument("--numsplit", type=int, default=5, help="chunks of the q perturbed copies (memory vs speed)")
-    p.add_argument("--generate_iterations", type=int, default=200, help="generator steps")
-    p.add_argument("--num_per_class", type=int, default=30, help="images recovered per class")
-    p.add_argument("--Glr", type=float, default=1e-3, help="Adam learning rate of generator and codes")
-    p.add_argument("--budget", type=int, default=None, help="stop with an error past this many API queries")
-    p.add_argument("--compile", action="store_true", help="torch.compile the API forward")
-    p.add_argument("--gpu", type=int, default=None, help="CUDA device (default 0; CPU without CUDA)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="grid.png", help="picture of the recovered images (one row per class)")
-    p.add_argument("--no_progress", action="store_true")
-    return p.parse_args(argv)
+def _extra(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("this command")
+    g.add_argument("--api", type=int, default=0, help="index i of model_specific_<i>.pth (default: 0)")
+    g.add_argument("--num_per_class", type=int, default=30, help="images recovered per class (default: 30)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the API forward")
+    g.add_argument("--out", default="grid.png", help="picture of the recovered images, one row per class "
+                                                     "(default: grid.png)")
+    g.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+PARSER = dict(prog="python -m synthesis", names=FLAGS, aliases={"query_budget": ("--budget",)}, extra=_extra,
+              description="Recover images from one API of a pretrained pool by generator inversion; save them "
+                          "as a grid.")
+
+
+def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
+    return parse(argv, **PARSER)
 
 
 def main(argv=None) -> dict:
-    a = parse_args(argv)
-    for flag, v in (("--generate_iterations", a.generate_iterations), ("--num_per_class", a.num_per_class),
-                    ("--q", a.q), ("--numsplit", a.numsplit)):
-        if v < 1:
-            raise SystemExit(f"error: {flag} must be at least 1, got {v}")
-    if a.mu <= 0:
-        raise SystemExit(f"error: --mu must be positive, got {a.mu}")
-    device = pick_device(a.gpu)
-    torch.manual_seed(a.seed)
-    pool = APIPool.load(a.pretrained_path_prefix, a.dataset, a.pre_backbone, a.way_pretrain, a.api + 1, device,
-                        white_box=not a.ZO, budget=a.budget, compile=a.compile, say=lambda m: None)
-    api = pool.get(a.dataset, a.pre_backbone, a.api)
-    zo = ZOConfig(q=a.q, mu=a.mu, numsplit=a.numsplit) if a.ZO else None
-    gen = torch.Generator(device=device).manual_seed(a.seed)
+    cfg, a = parse_args(argv)
+    check_at_least(cfg, {"generate_iterations": 1, "q": 1, "numsplit": 1, "query_budget": 1})
+    if a.num_per_class < 1 or a.api < 0:
+        raise FlagError(f"--num_per_class must be at least 1 and --api at least 0, got {a.num_per_class}, {a.api}")
+    if cfg.mu <= 0:
+        raise FlagError(f"--mu must be positive, got {cfg.mu}")
+    if cfg.pre_backbone == "mix" or cfg.dataset == "mix":
+        raise FlagError("--dataset and --pre_backbone name one pool folder here; mix is for main.py")
+    device = pick_device(cfg.gpu)
+    torch.manual_seed(cfg.seed)
+    pool = APIPool.load(cfg.pretrained_path_prefix, cfg.dataset, cfg.pre_backbone, cfg.way_pretrain, a.api + 1,
+                        device, white_box=not cfg.ZO, budget=cfg.query_budget, compile=a.compile, say=lambda m: None)
+    api = pool.get(cfg.dataset, cfg.pre_backbone, a.api)
+    zo = settings(ZOConfig, cfg) if cfg.ZO else None
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     t0 = time.time()
-    images, labels = recover(api, a.num_per_class, steps=a.generate_iterations, lr=a.Glr, zo=zo,
+    images, labels = recover(api, a.num_per_class, steps=cfg.generate_iterations, lr=cfg.Glr, zo=zo,
                              generator=gen, progress=not a.no_progress)
     seconds = time.time() - t0
     queries = api.queries
@@ -83,10 +78,10 @@ def main(argv=None) -> dict:
     save_grid(images, a.out, a.num_per_class)
     out = {"target_acc": round(acc, 2), "api_queries": queries, "seconds": round(seconds, 2)}
     print(f"saved {os.path.abspath(a.out)}: {api.way} classes {api.classes} x {a.num_per_class} images "
-          f"({'black-box ZO' if a.ZO else 'white-box'})", file=sys.stderr)
+          f"({'black-box ZO' if cfg.ZO else 'white-box'})", file=sys.stderr)
     print(json.dumps(out))
     return out
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

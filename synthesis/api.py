@@ -1,4 +1,4 @@
-"""The black-box boundary (DESIGN.md 2.2): an API is something you can query, nothing more.
+"""The black-box boundary: an API is something you can query, nothing more.
 
 `BlackBoxAPI` turns a pretrained classifier into a function normalized images -> class
 probabilities. In black-box mode the forward runs without autograd, so no gradient can ever
@@ -29,18 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.errors import QueryBudgetExceeded
 from dataset.specs import DatasetSpec
 
 # Images per forward call on the CPU. Measured on the 2-core Xeon (conv4, 32x32, one thread, CPU time):
 # 64-128 images per call ran ~1.8x faster than 256-1024 (smaller activations stay in cache).
 CPU_MICRO_BATCH = 128
-
-
-class QueryBudgetExceeded(SystemExit):
-    """The API query budget is spent (one line, no traceback when uncaught)."""
-
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
 
 
 @dataclass
@@ -276,27 +270,15 @@ class BlackBoxAPI:
 def load_api(path: str, device="cpu", *, label_offset: int = 0, white_box: bool = False,
              meter: QueryMeter | None = None, budget: int | None = None, compile: bool = False,
              expect: dict | None = None) -> BlackBoxAPI:
-    """Open one API checkpoint (pretrain.py's format: state_dict, classes, arch, dataset, way, ...).
+    """Open one API file (synthesis.store) as a black box.
 
     label_offset is added to its class ids (API-MH). `expect` ({"arch": .., "dataset": .., "way": ..})
     must match the file, else one error line.
     """
-    import network
-    from dataset import DataError
     from dataset.specs import get_spec
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:      # noqa: BLE001
-        raise DataError(f"{path} is not a readable API checkpoint ({type(e).__name__}: {e}); delete it and "
-                        "rerun pretrain.py to retrain it") from None
-    for k, v in (expect or {}).items():
-        if ckpt.get(k) != v:
-            raise DataError(f"{path} holds {k} {ckpt.get(k)!r}, expected {v!r}: the file belongs to another "
-                            "pool; pass the right --pretrained_path_prefix or retrain it with pretrain.py")
-    spec = get_spec(ckpt["dataset"])
-    model = network.build(ckpt["arch"], ckpt["way"], channels=ckpt.get("channels", spec.channels),
-                          image_size=ckpt.get("image_size", spec.image_size))
-    model.load_state_dict(ckpt["state_dict"])
-    key = f"{ckpt['dataset']}/{ckpt['arch']}/{ckpt.get('index', path)}"
-    return BlackBoxAPI(model, [c + label_offset for c in ckpt["classes"]], spec, ckpt["arch"], device=device,
-                       white_box=white_box, meter=meter, budget=budget, key=key, compile=compile)
+
+    from .store import load_model
+    model, meta = load_model(path, expect)
+    key = f"{meta['dataset']}/{meta['arch']}/{meta.get('index', path)}"
+    return BlackBoxAPI(model, [c + label_offset for c in meta["classes"]], get_spec(meta["dataset"]), meta["arch"],
+                       device=device, white_box=white_box, meter=meter, budget=budget, key=key, compile=compile)

@@ -1,4 +1,4 @@
-"""Task memory (DESIGN.md 2.5): recovered images per absolute class, replayed as new few-shot tasks.
+"""Task memory: recovered images per absolute class, replayed as new few-shot tasks.
 
 Each `add` stores, for every class it contains, one batch (one synthesis) in that class's ring
 buffer of at most `max_batch_per_class` batches; the oldest batch is dropped first. Tasks are
@@ -13,6 +13,7 @@ from collections import deque
 import numpy as np
 import torch
 
+from core.errors import CheckpointError, FlagError
 from dataset.augment import resize
 from dataset.sampler import Task
 
@@ -20,7 +21,7 @@ from dataset.sampler import Task
 class TaskMemory:
     def __init__(self, max_batch_per_class: int = 20, image_size: int = 32):
         if max_batch_per_class < 1:
-            raise SystemExit(f"error: --max_batch_per_class must be at least 1, got {max_batch_per_class}")
+            raise FlagError(f"--max_batch_per_class must be at least 1, got {max_batch_per_class}")
         self.max_batch_per_class = int(max_batch_per_class)
         self.image_size = int(image_size)
         self._store: dict[int, deque] = {}
@@ -97,7 +98,7 @@ class TaskMemory:
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["image_size"]) != self.image_size:
-            raise SystemExit(f"error: the checkpoint's task memory holds {state['image_size']}px images, this run "
+            raise CheckpointError(f"the checkpoint's task memory holds {state['image_size']}px images, this run "
                              f"uses {self.image_size}px; resume with the same --dataset/--backbone flags")
         self._store = {int(c): deque(bs, maxlen=self.max_batch_per_class) for c, bs in state["store"].items()}
 

@@ -1,4 +1,4 @@
-"""The pool of black-box APIs and the three scenarios' draw rules (DESIGN.md 1, 2.6).
+"""The pool of black-box APIs and the three scenarios' draw rules.
 
     API-SS  --dataset D   --pre_backbone A    a random API of D/A
     API-SH  --dataset D   --pre_backbone mix  a random arch among conv4/resnet10/resnet18, then an API
@@ -13,9 +13,6 @@ Query counts live in one shared meter, so they survive eviction and the budget s
 """
 from __future__ import annotations
 
-import glob
-import os
-import re
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -23,27 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dataset import DataError
+from core.errors import FlagError, PoolError
 from dataset.specs import MIX_DATASETS, get_spec
 
 from .api import BlackBoxAPI, QueryMeter, load_api
+from .store import api_files, pool_dir, pretrain_command, read_meta
 
 ARCHS = ("conv4", "resnet10", "resnet18")
-
-
-def pool_dir(prefix: str, dataset: str, arch: str, way: int) -> str:
-    """<prefix>/<dataset>/<arch>/meta_train/<way>way/model (the layout pretrain.py writes)."""
-    return os.path.join(prefix, dataset, arch, "meta_train", f"{way}way", "model")
-
-
-def api_files(folder: str) -> dict[int, str]:
-    """{index: path} of the model_specific_<index>.pth files in a pool folder."""
-    found = {}
-    for p in glob.glob(os.path.join(folder, "model_specific_*.pth")):
-        m = re.fullmatch(r"model_specific_(\d+)\.pth", os.path.basename(p))
-        if m:
-            found[int(m.group(1))] = p
-    return dict(sorted(found.items()))
 
 
 @dataclass(frozen=True)
@@ -58,22 +41,9 @@ class APIEntry:
 
 
 def _read_entry(path: str, dataset: str, arch: str, way: int, index: int, offset: int) -> APIEntry:
-    try:
-        meta = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:      # noqa: BLE001
-        raise DataError(f"{path} is not a readable API checkpoint ({type(e).__name__}: {e}); delete it and "
-                        "rerun pretrain.py to retrain it") from None
-    for k, want in (("dataset", dataset), ("arch", arch), ("way", way)):
-        if meta.get(k) != want:
-            raise DataError(f"{path} holds {k} {meta.get(k)!r}, expected {want!r}: the file belongs to another "
-                            "pool; pass the right --pretrained_path_prefix or retrain it with pretrain.py")
+    meta = read_meta(path, expect={"dataset": dataset, "arch": arch, "way": way})
     return APIEntry(dataset, arch, index, path, tuple(int(c) + offset for c in meta["classes"]),
                     meta.get("val_acc"))
-
-
-def pretrain_command(prefix: str, dataset: str, arch: str, way: int, api_num: int) -> str:
-    return (f"python pretrain.py --dataset {dataset} --pre_backbone {arch} --pretrained_path_prefix {prefix} "
-            f"--way_pretrain {way} --APInum {api_num}")
 
 
 class APIPool:
@@ -108,14 +78,14 @@ class APIPool:
         datasets = list(MIX_DATASETS) if mix else [dataset]
         archs = list(ARCHS) if (arch == "mix" or mix) else [arch]
         if api_num < 1:
-            raise SystemExit(f"error: --APInum must be at least 1, got {api_num}")
+            raise FlagError(f"--APInum must be at least 1, got {api_num}")
         groups, missing = {}, []
         for d in datasets:
             spec = get_spec(d)
             offset = spec.label_offset if mix else 0
             for a in archs:
                 if a not in ARCHS:
-                    raise SystemExit(f"error: unknown --pre_backbone {a!r}; choose one of "
+                    raise FlagError(f"unknown --pre_backbone {a!r}; choose one of "
                                      f"{', '.join(ARCHS)} or mix")
                 folder = pool_dir(prefix, d, a, way)
                 files = api_files(folder)
@@ -129,7 +99,7 @@ class APIPool:
         if missing:
             where = " and ".join(f for f, _ in missing)
             how = "; then ".join(f"`{c}`" for _, c in missing)
-            raise DataError(f"no pretrained APIs in {where}; make them with {how} "
+            raise PoolError(f"no pretrained APIs in {where}; make them with {how} "
                             "(or pass the right --pretrained_path_prefix)")
         return cls(groups, device, mix=mix, white_box=white_box, budget=budget, cache_size=cache_size,
                    compile=compile)
@@ -168,7 +138,7 @@ class APIPool:
             if e.index == index:
                 return self._open(e)
         have = [e.index for e in self.groups.get((dataset, arch), [])]
-        raise SystemExit(f"error: no API {index} for {dataset}/{arch} in this pool (indices {have[:5]}"
+        raise PoolError(f"no API {index} for {dataset}/{arch} in this pool (indices {have[:5]}"
                          f"{'...' if len(have) > 5 else ''})")
 
     def _open(self, e: APIEntry) -> BlackBoxAPI:

@@ -1,4 +1,4 @@
-"""Data recovery from one API by generator inversion (DESIGN.md 2.3).
+"""Data recovery from one API by generator inversion.
 
 A freshly initialised generator G and latent codes z ~ N(0, I) are optimised jointly, Adam(lr,
 betas (0.5, 0.999)), so that the API assigns G(z_i) to its target class:
@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import network
+from core.config import DEFAULTS
+from core.io import atomic_write
 from dataset.augment import random_crop_flip
 
 from .zo import surrogate, zo_grad
@@ -27,9 +29,10 @@ EPS = 1e-12     # keeps log p finite when the API is certain
 
 @dataclass
 class ZOConfig:
-    q: int = 100            # random directions per image per step
-    mu: float = 0.005       # smoothing radius of the finite differences
-    numsplit: int = 5       # chunks the q*B perturbed images are queried in (fewer: faster, more memory)
+    """The zero-order estimator's settings; names and defaults are core.config.Config's."""
+    q: int = DEFAULTS.q                 # random directions per image per step
+    mu: float = DEFAULTS.mu             # smoothing radius of the finite differences
+    numsplit: int = DEFAULTS.numsplit   # chunks the q*B perturbed images are queried in
 
 
 def per_image_loss(probs: torch.Tensor, target: torch.Tensor, student_logits: torch.Tensor | None = None,
@@ -100,9 +103,8 @@ def recover(api, per_class: int, *, steps: int, lr: float = 1e-3, zo: ZOConfig |
         s_logits = None
         if use_student:
             # One perturbed copy of the batch at a time: a batch-statistics student then normalises
-            # with (nearly) the clean batch's statistics whatever numsplit is, in 1/k of the memory
-            # (and faster: measured 0.66 vs 1.05 CPU-s per 3,000 images for a conv4 at 32x32).
-            # inference_mode: the ZO path needs no graph, and it cut that to 0.43 s.
+            # with (nearly) the clean batch's statistics whatever numsplit is, in 1/k of the memory;
+            # inference_mode: the ZO path needs no graph (both faster, bench/RESULTS.md).
             with torch.inference_mode():
                 s_logits = torch.cat([student(c) for c in x01.split(n)])
             s_logits = s_logits.clone()
@@ -153,10 +155,5 @@ def save_grid(images: torch.Tensor, path: str, per_class: int) -> None:
     os.makedirs(folder, exist_ok=True)
     ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"
     ext = {"jpg": "jpeg", "tif": "tiff"}.get(ext, ext)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        save_image(images.detach().float().cpu(), tmp, nrow=per_class, padding=2, format=ext)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: save_image(images.detach().float().cpu(), f, nrow=per_class, padding=2,
+                                            format=ext))

@@ -1,4 +1,4 @@
-"""Zero-order gradient estimation through a black box (DESIGN.md 2.3).
+"""Zero-order gradient estimation through a black box.
 
 For each image x_i (flattened, d = C*H*W) and q directions u_ij uniform on the unit sphere:
 

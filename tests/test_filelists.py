@@ -120,7 +120,7 @@ def test_missing_dataset_is_one_clear_error(tmp_path, script, missing):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert lines[0].startswith("error:")
-    assert os.path.join(str(tmp_path), missing) in lines[0] and "README: Datasets" in lines[0]
+    assert os.path.join(str(tmp_path), missing) in lines[0] and "docs/datasets.md" in lines[0]
 
 
 def test_missing_split_and_empty_class_are_named(tmp_path):

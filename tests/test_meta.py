@@ -17,6 +17,7 @@ from torch import nn
 
 from conftest import REPO, run_cli
 
+from core.errors import BidfError, PoolError, RunDirError
 from methods.maml import adapt, ce_loss, forward, kl_loss, meta_params
 
 # ------------------------------------------------------------------ functional MAML
@@ -95,7 +96,7 @@ def test_kl_loss_is_a_proper_kl():
 
 def test_kd_task_inner_loop_reduces_query_kl(demo_pool):
     from dataset import get_spec
-    from methods.config import Config, visit_cost
+    from core.config import Config, visit_cost
     from methods.kd import KDSettings, kd_task
     from methods.meta_train import MetaInput
     from network import build
@@ -166,7 +167,7 @@ def test_tiny_run_writes_every_output(tiny_run):
     test_of_best = [r["acc"] for r in rows if r["split"] == "meta_test" and r["task"] == best["task"]][0]
     assert summary["test_acc"] == pytest.approx(test_of_best, abs=1e-3)  # chosen on meta_val
     assert proc.stdout.count("meta_val") >= 2                             # a printed line per evaluation
-    ck = torch.load(os.path.join(out, "last.pth"), weights_only=False)
+    ck = torch.load(os.path.join(out, "last.pth"), weights_only=True)
     assert ck["state"]["task"] == 16 and "memory" in ck and "optimizer" in ck
 
 
@@ -176,9 +177,9 @@ def test_existing_run_dir_is_never_overwritten(tiny_run, demo_root, demo_pool):
     out, _ = tiny_run
     before = open(os.path.join(out, "summary.json")).read()
     base = _flags(demo_root, demo_pool, out, "--episode_train", "16", "--val_interval", "8", "--save_interval", "8")
-    with pytest.raises(SystemExit, match="holds a finished run.*--overwrite"):
+    with pytest.raises(RunDirError, match="holds a finished run.*--overwrite"):
         train(parse_args(base))
-    with pytest.raises(SystemExit, match="other flags.*--inner_lr"):
+    with pytest.raises(RunDirError, match="other flags.*--inner_lr"):
         train(parse_args([*base, "--inner_lr", "0.02"]))
     assert train(parse_args([*base, "--resume"]))["tasks"] == 16          # finished: nothing to do
     assert open(os.path.join(out, "summary.json")).read() == before
@@ -197,7 +198,7 @@ def test_resume_after_kill_continues_to_the_same_task_count(demo_root, demo_pool
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not os.path.exists(os.path.join(out, "summary.json")), "the run ended before it could be killed"
-    done = torch.load(last, weights_only=False)["state"]["task"]
+    done = torch.load(last, weights_only=True)["state"]["task"]
     assert 4 <= done < 24
 
     with pytest.raises(AssertionError, match="unfinished run"):           # no silent restart
@@ -227,9 +228,9 @@ def test_resume_after_kill_continues_to_the_same_task_count(demo_root, demo_pool
 def test_bad_flags_fail_fast_with_one_line(extra, message, demo_root, demo_pool, tmp_path):
     from main import main
     out = str(tmp_path / "bad")
-    with pytest.raises(SystemExit, match=message) as e:
+    with pytest.raises(BidfError, match=message) as e:
         main(_flags(demo_root, demo_pool, out, *extra))
-    assert str(e.value.code).startswith("error: ") and "\n" not in str(e.value.code)
+    assert "\n" not in str(e.value)
     assert not os.path.exists(os.path.join(out, "config.json"))           # nothing written
 
 
@@ -241,7 +242,7 @@ def test_bad_flag_on_the_command_line_is_one_line(demo_root, demo_pool, tmp_path
 
 def test_missing_pool_names_the_pretrain_command(demo_root, tmp_path):
     from main import main
-    with pytest.raises(SystemExit, match="pretrain.py"):
+    with pytest.raises(PoolError, match="pretrain.py"):
         main(_flags(demo_root, str(tmp_path / "nopool"), str(tmp_path / "r")))
 
 
@@ -268,5 +269,5 @@ def test_corrupt_checkpoint_is_one_line_and_kept(tiny_run, demo_root, demo_pool,
     proc = run_cli(["main.py", *_flags(demo_root, demo_pool, out, "--episode_train", "16", "--val_interval", "8",
                                        "--save_interval", "8", "--resume")], check=False)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode != 0 and len(lines) == 1 and "cannot read the checkpoint" in lines[0]
+    assert proc.returncode != 0 and len(lines) == 1 and "cannot read the run checkpoint" in lines[0]
     assert os.path.getsize(os.path.join(out, "last.pth")) == 1000      # nothing overwritten

@@ -48,7 +48,7 @@ def test_generator_shapes(size, channels):
 
 
 def test_unknown_architecture_is_one_line_error():
-    with pytest.raises(SystemExit, match="unknown architecture"):
+    with pytest.raises(ValueError, match="unknown architecture"):
         network.build("vgg", 5)
 
 

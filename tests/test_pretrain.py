@@ -8,13 +8,16 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
 import network
 from dataset import get_spec, load_split
+from core.config import Config
+from core.errors import DataError, PoolError
+from core.io import atomic_write
 from methods import pretrain_api as pa
+from synthesis.store import api_path, pool_dir
 
 # 5-way chance is 20%. A demo API validates on 5 x 12 = 60 images (60 per class, last 20%), so a
 # chance-level classifier scores 20% +- 5.2% (binomial std): 45% is ~5 std above chance. Measured
@@ -40,11 +43,11 @@ def pool_settings(prefix: str) -> tuple[int, int]:
 
 
 def pool_folder(prefix: str, arch: str = "conv4") -> str:
-    return pa.pool_dir(prefix, "demo", arch, 5)
+    return pool_dir(prefix, "demo", arch, 5)
 
 
 def load_ckpt(prefix: str, i: int, arch: str = "conv4") -> dict:
-    return torch.load(pa.api_path(pool_folder(prefix, arch), i), map_location="cpu", weights_only=True)
+    return torch.load(api_path(pool_folder(prefix, arch), i), map_location="cpu", weights_only=True)
 
 
 def pretrain_args(root: str, prefix: str, *extra: str) -> list[str]:
@@ -108,7 +111,7 @@ def test_best_epoch_weights_are_a_copy(monkeypatch):
 def test_second_run_skips_finished_apis(demo_pool, demo_root):
     folder = pool_folder(demo_pool)
     n, _ = pool_settings(demo_pool)
-    paths = [pa.api_path(folder, i) for i in range(n)]
+    paths = [api_path(folder, i) for i in range(n)]
     before = [os.stat(p).st_mtime_ns for p in paths]
     t0 = time.time()
     out = run_cli(pretrain_args(demo_root, demo_pool, "--no_tensorboard"))
@@ -122,35 +125,34 @@ def test_other_settings_in_existing_pool_is_one_clear_error(demo_pool, demo_root
     folder = pool_folder(demo_pool)
     before = {p: os.stat(os.path.join(folder, p)).st_mtime_ns for p in os.listdir(folder)}
     n, epochs = pool_settings(demo_pool)
-    for change in ({"seed": 1}, {"epochs": epochs + 1}):
-        cfg = pa.PretrainConfig(**{**dict(dataset="demo", arch="conv4", api_num=n, prefix=demo_pool,
-                                          data_root=demo_root, seed=0, epochs=epochs, tensorboard=False),
-                                   **change})
-        with pytest.raises(SystemExit) as e:
+    for change in ({"api_seed": 1}, {"epochs": epochs + 1}):
+        cfg = Config(**{**dict(dataset="demo", pre_backbone="conv4", APInum=n, pretrained_path_prefix=demo_pool,
+                               data_root=demo_root, api_seed=0, epochs=epochs, tensorboard=False), **change})
+        with pytest.raises(PoolError) as e:
             pa.pretrain_pool(cfg, pa.Dist(), say=lambda *_: None)
-        msg = str(e.value.code)
-        assert msg.startswith("error: ") and "\n" not in msg
+        msg = str(e.value)
+        assert "\n" not in msg
         assert "other settings" in msg and "--pretrained_path_prefix" in msg and "delete" in msg
     assert {p: os.stat(os.path.join(folder, p)).st_mtime_ns for p in os.listdir(folder)} == before
 
 
 def test_bad_data_errors(demo_root, tmp_path):
-    cfg = pa.PretrainConfig(dataset="cifar100", data_root=str(tmp_path / "empty"), prefix=str(tmp_path / "p"))
-    with pytest.raises(SystemExit, match="write_cifar100_filelist.py"):
+    cfg = Config(dataset="cifar100", data_root=str(tmp_path / "empty"), pretrained_path_prefix=str(tmp_path / "p"))
+    with pytest.raises(DataError, match="write_cifar100_filelist.py"):
         pa.pretrain_pool(cfg, pa.Dist(), say=lambda *_: None)
-    cfg = pa.PretrainConfig(dataset="demo", way=65, data_root=demo_root, prefix=str(tmp_path / "p"))
-    with pytest.raises(SystemExit, match="64 classes, fewer than --way_pretrain 65"):
+    cfg = Config(dataset="demo", way_pretrain=65, data_root=demo_root, pretrained_path_prefix=str(tmp_path / "p"))
+    with pytest.raises(DataError, match="64 classes, fewer than --way_pretrain 65"):
         pa.pretrain_pool(cfg, pa.Dist(), say=lambda *_: None)
 
 
-def test_atomic_save_leaves_no_partial_file(tmp_path):
+def test_atomic_write_leaves_no_partial_file(tmp_path):
     path = str(tmp_path / "model_specific_0.pth")
 
-    def crashing_saver(obj, p):
-        open(p, "wb").write(b"half a checkpoint")
+    def crashing_write(f):
+        f.write(b"half a checkpoint")
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        pa.atomic_save({}, path, crashing_saver)
+        atomic_write(path, crashing_write)
     assert os.listdir(tmp_path) == []
 
 

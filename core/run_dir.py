@@ -1,4 +1,4 @@
-"""The run directory: atomic writes, the metrics log, and the never-overwrite rule.
+"""The run directory: its layout, the metrics log, and the never-overwrite rule.
 
     <out_dir>/config.json   the flags of the run
     <out_dir>/metrics.jsonl one line per evaluated split
@@ -13,36 +13,11 @@ import json
 import os
 import shutil
 
-import torch
-
 from .config import Config, config_diff
+from .errors import RunDirError
+from .io import atomic_json, atomic_text, read_json
 
 OUTPUTS = ("config.json", "metrics.jsonl", "last.pth", "best.pth", "summary.json", "tb")
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    """Write to a temporary name, fsync, then rename: a kill -9 leaves the old file or the new one."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_json(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
 
 
 def prepare(cfg: Config, out_dir: str) -> str | None:
@@ -65,16 +40,16 @@ def prepare(cfg: Config, out_dir: str) -> str | None:
             diff = config_diff(old, cfg.to_dict())
             if diff:
                 shown = ", ".join(f"--{k} {old.get(k)!r} -> {getattr(cfg, k, None)!r}" for k in diff[:4])
-                raise SystemExit(f"error: {out_dir} holds a run with other flags ({shown}); choose another "
+                raise RunDirError(f"{out_dir} holds a run with other flags ({shown}); choose another "
                                  "--out_dir, or pass --overwrite to delete it and start over")
             if os.path.isfile(os.path.join(out_dir, "summary.json")):
                 if cfg.resume:
                     return "finished"
-                raise SystemExit(f"error: {out_dir} holds a finished run; choose another --out_dir, or pass "
+                raise RunDirError(f"{out_dir} holds a finished run; choose another --out_dir, or pass "
                                  "--overwrite to delete it and start over")
             if not cfg.resume:
                 where = "a checkpoint" if os.path.isfile(last) else "no checkpoint yet"
-                raise SystemExit(f"error: {out_dir} holds an unfinished run with these flags ({where}); pass "
+                raise RunDirError(f"{out_dir} holds an unfinished run with these flags ({where}); pass "
                                  "--resume to continue it or --overwrite to start over")
             if os.path.isfile(last):
                 return last
@@ -102,10 +77,7 @@ class MetricsLog:
                         continue
                     if row.get("task", 0) <= keep_until_task:
                         kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        atomic_text("".join(kept), path)
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:

@@ -1,0 +1,1 @@
+"""Infrastructure shared by every entry point: the configuration, errors, files, device, run directory."""

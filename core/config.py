@@ -1,0 +1,322 @@
+"""The run's configuration: every setting, its default and its help text live here and nowhere else.
+
+    cfg = parse(argv)                          # main.py: defaults <- --preset <- explicit flags
+    python main.py --preset paper_ss --num_sup_train 5
+
+`Config` holds the original implementation's defaults (its mainKD.py argparse). The flag parsers
+of main.py, pretrain.py and `python -m synthesis` are generated from its fields, and the settings
+objects of the library (ZO, KD, pretraining) take their defaults from it. A preset is a small
+Python file in config/ that assigns some fields (nanoGPT-style); explicit flags override it.
+The module imports nothing heavy (no torch).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+from .errors import FlagError
+
+BASELINES = ("none", "random_init", "maml_real")
+META_ARCHS = ("conv4", "resnet10", "resnet18")
+API_ARCHS = ("conv4", "resnet10", "resnet18")
+PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
+
+# Keys that may change between a run and its --resume without changing its results (pretraining
+# settings shape the pool, not the meta-training run).
+RUNTIME_KEYS = ("multigpu", "evaluate", "gpu", "resume", "overwrite", "out_dir", "data_root",
+                "pretrained_path_prefix", "pretrain", "workers", "tensorboard", "api_seed", "epochs", "batch_size", "lr")
+
+
+def _opt(group: str):
+    def make(default, help: str, **meta):
+        return field(default=default, metadata={"help": help, "group": group, **meta})
+    return make
+
+
+_basic, _task, _kd, _pool, _zo, _api = (_opt(g) for g in (
+    "basic", "tasks (memory replay and evaluation)", "bi-level meta knowledge distillation",
+    "API pool and data recovery", "zero-order optimisation", "API pretraining (pretrain.py, main.py --pretrain)"))
+
+
+@dataclass
+class Config:
+    # basic
+    multigpu: str = _basic("0", "visible CUDA devices (sets CUDA_VISIBLE_DEVICES); main.py keeps the "
+                                "environment's when the flag is not given")
+    gpu: int = _basic(0, "CUDA device among the visible ones (the CPU when there is none)")
+    dataset: str = _basic("cifar100", "cifar100 | miniimagenet | cub | demo; mix for API-MH")
+    pretrained_path_prefix: str = _basic("./pretrained_blackbox", "root of the API pools")
+    data_root: str = _basic("./DFL2Ldata", "root of the datasets")
+    out_dir: str | None = _basic(None, "run directory (default: runs/<name made of the key flags>)")
+    seed: int = _basic(2022, "seed of the run: meta-model init, API draws, tasks")
+    eval_seed: int = _basic(0, "seed of the fixed evaluation tasks (the same for every run)")
+    resume: bool = _basic(False, "continue the run in --out_dir from its last.pth")
+    overwrite: bool = _basic(False, "delete the run in --out_dir and start over")
+    baseline: str = _basic("none", "none | random_init (evaluate the untrained meta model) | maml_real "
+                                   "(MAML on the real meta-train images, the upper bound)")
+    evaluate: str | None = _basic(None, "only evaluate the meta model saved in this checkpoint (a run's best.pth; "
+                                        "'random': an untrained one) on meta_test with the test-task flags",
+                                  metavar="CHECKPOINT")
+    pretrain: bool = _basic(False, "pretrain the API pool these flags name (as pretrain.py does), then stop")
+    # meta-training tasks (memory replay) and evaluation tasks
+    way_train: int = _task(5, "classes per meta-training task")
+    num_sup_train: int = _task(5, "support shots per class (training)")
+    num_qur_train: int = _task(15, "query images per class (training)")
+    way_test: int = _task(5, "classes per test task")
+    num_sup_test: int = _task(5, "support shots per class (test)")
+    num_qur_test: int = _task(15, "query images per class (test)")
+    backbone: str = _task("conv4", "the meta model: conv4 | resnet10 | resnet18")
+    episode_train: int = _task(240000, "meta-training tasks in total (API visits + replay tasks)")
+    episode_test: int = _task(600, "evaluation tasks per split")
+    start_id: int = _task(1, "id of the first task (tasks start_id..episode_train run)")
+    inner_update_num: int = _task(5, "inner steps on replay tasks")
+    test_inner_update_num: int = _task(10, "inner steps at test time")
+    inner_lr: float = _task(0.01, "inner-loop SGD step")
+    outer_lr: float = _task(0.001, "Adam step of the meta model")
+    approx: bool = _task(False, "first-order MAML")
+    episode_batch: int = _task(4, "tasks per meta-batch (one Adam step)")
+    val_interval: int = _task(2000, "tasks between evaluations")
+    save_interval: int = _task(2000, "tasks between checkpoints")
+    # bi-level meta knowledge distillation
+    num_sup_kd: int = _kd(30, "recovered support images per class")
+    num_qur_kd: int = _kd(30, "recovered query images per class")
+    inner_update_num_kd: int = _kd(10, "inner KD steps on the recovered support set")
+    adv: float = _kd(1.0, "weight of the boundary term when the query set is recovered")
+    advstartit: int = _kd(-1, "boundary query sets once this many meta-iterations have passed")
+    # the API pool and data recovery
+    way_pretrain: int = _pool(5, "classes per API")
+    APInum: int = _pool(100, "APIs in the pool (per dataset and architecture)")
+    pre_backbone: str = _pool("conv4", "API architecture: conv4 | resnet10 | resnet18 (API-SS); mix (API-SH/MH)")
+    generate_interval: int = _pool(200, "meta-batches without a better training accuracy before the next API visit")
+    generate_iterations: int = _pool(200, "generator steps per recovered set")
+    Glr: float = _pool(0.001, "Adam learning rate of the generator and its latent codes")
+    max_batch_per_class: int = _pool(20, "task memory: recovered batches kept per class")
+    query_budget: int | None = _pool(None, "total API queries allowed (default: no limit)")
+    replay_augment: bool = _pool(False, "random crop/flip of replayed images (off, as in the original)")
+    # zero-order optimisation
+    ZO: bool = _zo(False, "black box: zero-order gradient estimates (--no-ZO: the white-box ablation)")
+    mu: float = _zo(0.005, "smoothing radius of the finite differences")
+    q: int = _zo(100, "random directions per image per generator step")
+    numsplit: int = _zo(5, "chunks the q perturbed copies are queried in (fewer: faster, more memory)")
+    # API pretraining
+    api_seed: int = _api(0, "seed of the API pool: API i's classes and initial weights depend on (api_seed, i)")
+    epochs: int | None = _api(None, "epochs per API (default: 60 cifar100/miniimagenet/demo, 100 cub)")
+    batch_size: int = _api(128, "images per pretraining step")
+    lr: float | None = _api(None, "pretraining learning rate (default 0.01: Adam for conv4, SGD for the resnets)")
+    workers: int = _api(0, "threads decoding images")
+    tensorboard: bool = _api(True, "write TensorBoard curves of pretraining (<pool dir>/tensorboard/api_<i>)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def mh(self) -> bool:
+        return self.dataset == "mix"
+
+
+DEFAULTS = Config()
+FIELDS = {f.name: f for f in fields(Config)}
+_TYPES = typing.get_type_hints(Config)
+
+
+def settings(cls, cfg: Config, **extra):
+    """An instance of the dataclass `cls` built by keyword from the same-named fields of `cfg`."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: getattr(cfg, k) for k in names if k in FIELDS and k not in extra}, **extra)
+
+
+# ----------------------------------------------------------------------------- presets
+
+def preset_names() -> list[str]:
+    return sorted(os.path.splitext(n)[0] for n in os.listdir(PRESET_DIR)
+                  if n.endswith(".py") and not n.startswith("_")) if os.path.isdir(PRESET_DIR) else []
+
+
+def load_preset(name: str) -> dict:
+    """The settings a preset assigns: config/<name>.py, or a path to any such .py file."""
+    path = name if name.endswith(".py") else os.path.join(PRESET_DIR, f"{name}.py")
+    if not os.path.isfile(path):
+        raise FlagError(f"--preset {name}: no such preset; choose one of {', '.join(preset_names())} "
+                        "or pass a path to a .py file of assignments")
+    ran = runpy.run_path(path)
+    values = {k: v for k, v in ran.items() if not k.startswith("_")}
+    if "_base" in ran:     # a preset may start from another one and change a few settings
+        values = {**load_preset(ran["_base"]), **values}
+    unknown = sorted(k for k in values if k not in FIELDS)
+    if unknown:
+        raise FlagError(f"preset {path} sets {', '.join(unknown)}, which no flag is called; fix the preset")
+    return values
+
+
+# ----------------------------------------------------------------------------- flag parsers
+
+def _flag_type(name: str):
+    t = _TYPES[name]
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    return args[0] if args else t
+
+
+def add_arguments(parser: argparse.ArgumentParser, names=None, defaults: dict | None = None,
+                  aliases: dict | None = None) -> None:
+    """One --flag per Config field in `names` (all by default), grouped as in Config, with its help
+    text and the default in force (`defaults` overrides Config's, e.g. a preset's values).
+    Values not given on the command line are left out of the namespace (see `parse`)."""
+    defaults = defaults or {}
+    aliases = aliases or {}
+    groups = {}
+    for f in fields(Config):
+        if names is not None and f.name not in names:
+            continue
+        g = f.metadata["group"]
+        if g not in groups:
+            groups[g] = parser.add_argument_group(g)
+        value, text = defaults.get(f.name, f.default), f.metadata["help"]
+        if not (value is None and "default" in text):   # a None default is explained in the help text
+            text += f" (default: {value})"
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=text)
+        if "metavar" in f.metadata:
+            kw["metavar"] = f.metadata["metavar"]
+        typ = _flag_type(f.name)
+        if typ is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = typ
+            kw.setdefault("metavar", {int: "N", float: "X"}.get(typ, "STR"))
+        groups[g].add_argument(f"--{f.name}", *aliases.get(f.name, ()), **kw)
+
+
+def build(values: dict) -> Config:
+    return Config(**{**{k: v for k, v in asdict(DEFAULTS).items()}, **values})
+
+
+def make_parser(*, prog: str | None = None, description: str = "", names=None, aliases=None, extra=None,
+                defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The flag parser of an entry point: --preset, the `extra(parser)` arguments that are not
+    settings, and one flag per Config field in `names` (all by default)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--preset", metavar="NAME", help=f"apply a preset first: {' | '.join(preset_names())} "
+                   "(config/<NAME>.py) or a path to such a file; explicit flags override it")
+    if extra is not None:
+        extra(p)
+    add_arguments(p, names, defaults, aliases)
+    return p
+
+
+def parse(argv=None, **spec) -> tuple[Config, argparse.Namespace]:
+    """(Config, the namespace of the entry point's other arguments) from the command line;
+    `spec` is make_parser's keywords. The namespace's `given` holds the settings given explicitly.
+
+    Precedence: Config's defaults, then --preset's values, then the flags given explicitly."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    known, _ = pre.parse_known_args(argv)
+    preset = load_preset(known.preset) if known.preset else {}
+    names = spec.get("names")
+    ns = make_parser(**spec, defaults=preset).parse_args(argv)
+    given = {k: v for k, v in vars(ns).items() if k in FIELDS}
+    rest = argparse.Namespace(**{k: v for k, v in vars(ns).items() if k not in FIELDS and k != "preset"})
+    rest.given = set(given)
+    return build({**{k: v for k, v in preset.items() if names is None or k in names}, **given}), rest
+
+
+def options_markdown(parser: argparse.ArgumentParser, title: str) -> str:
+    """The flags of a parser as markdown tables, one per group (docs/options.md is made of these)."""
+    out = [f"## {title}", ""]
+    for g in parser._action_groups:       # noqa: SLF001 - argparse offers no public walk of groups
+        acts = [a for a in g._group_actions if a.option_strings and a.dest != "help"]   # noqa: SLF001
+        if not acts:
+            continue
+        out += [f"### {g.title}", "", "| flag | help |", "|---|---|"]
+        for a in acts:
+            flags = ", ".join(f"`{s}`" for s in a.option_strings)
+            out.append(f"| {flags} | {(a.help or '').replace('|', '&#124;')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- names, checks, costs
+
+def run_name(cfg: Config) -> str:
+    """runs/<name>: the flags that tell runs apart."""
+    shots = f"{cfg.way_train}w{cfg.num_sup_train}s"
+    if cfg.evaluate:
+        src = "random" if cfg.evaluate == "random" else os.path.basename(os.path.dirname(os.path.abspath(cfg.evaluate)))
+        return f"eval_{cfg.dataset}_{cfg.way_test}w{cfg.num_sup_test}s_{src}"
+    if cfg.baseline != "none":
+        return f"{cfg.baseline}_{cfg.dataset}_{cfg.backbone}_{shots}_seed{cfg.seed}"
+    grad = f"ZO_q{cfg.q}_mu{cfg.mu}" if cfg.ZO else "whitebox"
+    name = f"bidf_{cfg.dataset}_{cfg.pre_backbone}_{cfg.backbone}_{shots}_{grad}_api{cfg.APInum}"
+    if cfg.approx:
+        name += "_1order"
+    return name + f"_seed{cfg.seed}"
+
+
+def default_out_dir(cfg: Config) -> str:
+    return cfg.out_dir or os.path.join("runs", run_name(cfg))
+
+
+def config_diff(a: dict, b: dict) -> list[str]:
+    """Settings (not runtime ones) whose values differ between two configs. A key that one side
+    lacks (a run written before the setting existed) counts as its default."""
+    keys = (set(a) | set(b)) - set(RUNTIME_KEYS)
+    default = lambda k: FIELDS[k].default if k in FIELDS and FIELDS[k].default is not MISSING else None  # noqa: E731
+    return sorted(k for k in keys if a.get(k, default(k)) != b.get(k, default(k)))
+
+
+def check_at_least(cfg: Config, bounds: dict) -> None:
+    for k, lo in bounds.items():
+        v = getattr(cfg, k)
+        if v is not None and v < lo:
+            raise FlagError(f"--{k} must be at least {lo}, got {v}")
+
+
+def check(cfg: Config) -> None:
+    """Flag checks that need no data: one clear line naming the flag, before any work."""
+    from dataset.specs import SPECS
+    if cfg.dataset != "mix" and cfg.dataset not in SPECS:
+        raise FlagError(f"--dataset {cfg.dataset!r} is unknown; choose one of {', '.join(SPECS)} or mix (API-MH)")
+    if cfg.backbone not in META_ARCHS:
+        raise FlagError(f"--backbone {cfg.backbone!r} is unknown; choose one of {', '.join(META_ARCHS)}")
+    if cfg.pre_backbone not in (*API_ARCHS, "mix"):
+        raise FlagError(f"--pre_backbone {cfg.pre_backbone!r} is unknown; choose one of {', '.join(API_ARCHS)} or mix")
+    if cfg.baseline not in BASELINES:
+        raise FlagError(f"--baseline {cfg.baseline!r} is unknown; choose one of {', '.join(BASELINES)}")
+    check_at_least(cfg, {
+        "way_train": 2, "way_test": 2, "way_pretrain": 2, "num_sup_train": 1, "num_qur_train": 1,
+        "num_sup_test": 1, "num_qur_test": 1, "episode_train": 1, "episode_test": 1, "episode_batch": 1,
+        "val_interval": 1, "save_interval": 1, "num_sup_kd": 1, "num_qur_kd": 1, "generate_interval": 1,
+        "generate_iterations": 1, "APInum": 1, "q": 1, "numsplit": 1, "max_batch_per_class": 1, "start_id": 1,
+        "inner_update_num": 0, "test_inner_update_num": 0, "inner_update_num_kd": 0, "query_budget": 1,
+        "batch_size": 2, "epochs": 1, "workers": 0})
+    for k in ("outer_lr", "Glr", "mu"):
+        if not getattr(cfg, k) > 0:
+            raise FlagError(f"--{k} must be positive, got {getattr(cfg, k)}")
+    for k in ("inner_lr", "adv"):
+        if getattr(cfg, k) < 0:
+            raise FlagError(f"--{k} must not be negative, got {getattr(cfg, k)}")
+    if cfg.start_id > cfg.episode_train:
+        raise FlagError(f"--start_id {cfg.start_id} is past --episode_train {cfg.episode_train}: no task to run")
+    if cfg.way_test > cfg.way_train:
+        raise FlagError(f"--way_test {cfg.way_test} exceeds --way_train {cfg.way_train}: the meta model's head is "
+                        "way_train wide; raise --way_train or lower --way_test")
+    if cfg.baseline == "none" and cfg.way_pretrain > cfg.way_train:
+        raise FlagError(f"--way_pretrain {cfg.way_pretrain} exceeds --way_train {cfg.way_train}: the meta model's "
+                        "head must cover an API's classes; raise --way_train")
+    if cfg.evaluate and cfg.evaluate != "random" and not os.path.isfile(cfg.evaluate):
+        raise FlagError(f"--evaluate {cfg.evaluate}: no such checkpoint; pass a run's best.pth or last.pth")
+    if cfg.resume and cfg.overwrite:
+        raise FlagError("--resume and --overwrite contradict each other; pass one")
+    classes = 228 if cfg.mh else SPECS[cfg.dataset].num_classes[0]
+    if cfg.way_train > classes:
+        raise FlagError(f"--way_train {cfg.way_train} exceeds the {classes} meta-train classes of {cfg.dataset}")
+
+
+def visit_cost(cfg: Config) -> int:
+    """API queries of one visit (upper bound): every synthesis step queries each image once,
+    plus q perturbed copies with --ZO; then the API labels the kept images once."""
+    per_step = (cfg.q + 1) if cfg.ZO else 1
+    images = cfg.way_pretrain * (cfg.num_sup_kd + cfg.num_qur_kd)
+    return images * (cfg.generate_iterations * per_step + 1)

@@ -1,0 +1,29 @@
+"""The one device picker: cuda:<index> when CUDA is there, else the CPU."""
+from __future__ import annotations
+
+import os
+
+from .errors import FlagError
+
+
+def pick_device(gpu: int = 0, *, local_rank: int | None = None, world: int = 1, say=None):
+    """cuda:<local_rank> under torchrun (one GPU per process), cuda:<gpu> otherwise; the CPU
+    without CUDA, where `world` processes split the cores instead of oversubscribing them.
+    `say` (optional) is told once when the CPU is used."""
+    import torch
+    if torch.cuda.is_available():
+        index = local_rank if local_rank is not None and world > 1 else gpu
+        n = torch.cuda.device_count()
+        if not 0 <= index < n:
+            what = f"local rank {index} (one GPU per process)" if world > 1 else f"--gpu {index}"
+            raise FlagError(f"{what} but only {n} CUDA device(s) are visible (0..{n - 1})"
+                            + ("; use --nproc_per_node <= the number of GPUs" if world > 1 else
+                               "; pick another --gpu or set --multigpu / CUDA_VISIBLE_DEVICES"))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    if world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if say is not None:
+        say("no CUDA device: running on the CPU"
+            + (f" ({world} processes, {torch.get_num_threads()} thread(s) each)" if world > 1 else ""))
+    return torch.device("cpu")
