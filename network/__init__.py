@@ -5,6 +5,7 @@ from torch import nn
 
 from .conv4 import Conv4
 from .generator import Generator
+from . import original
 from .initialise import init_original_
 from .resnet import LAYOUTS as RESNET_LAYOUTS
 from .resnet import ResNet, resnet, resnet10, resnet18, resnet34, resnet50, resnet101
