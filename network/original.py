@@ -93,6 +93,8 @@ def describe(state: Mapping[str, torch.Tensor]) -> Held:
         counts, block = _blocks(state, "trunk.{}.C1.weight", "trunk.{}.C3.weight", "trunk.{}.C2.weight", start=2)
         return Held(_resnet_name(counts, block), state[f"{head}.weight"].shape[0],
                     state["trunk.0.weight"].shape[1], kind)
+    if "head.weight" not in state:
+        raise ValueError("a state dict of this project without a classifier (head.weight)")
     if "features.0.0.weight" in state:
         w, h = state["features.0.0.weight"], state["head.weight"]
         pool = "flatten" if h.shape[1] != w.shape[0] else None
