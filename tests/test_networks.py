@@ -48,8 +48,10 @@ def test_generator_shapes(size, channels):
 
 
 def test_unknown_architecture_is_one_line_error():
-    with pytest.raises(ValueError, match="unknown architecture"):
+    with pytest.raises(ValueError, match="unknown architecture 'vgg'"):
         network.build("vgg", 5)
+    with pytest.raises(ValueError, match="unknown init"):
+        network.build("conv4", 5, init="xavier")
 
 
 @pytest.mark.parametrize("size,pool", [(32, "flatten"), (84, "max")])

@@ -1,0 +1,184 @@
+"""Checkpoints written by the original BiDf-MKD code load into our networks and give the same
+probabilities; the original's initialisation; the ResNet-34/50/101 backbones."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import network
+from network import original
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.normpath(os.path.join(REPO, "..", "shared", "fixtures", "original-checkpoints"))
+POOLS = [("cifar100", "conv4"), ("miniimagenet", "conv4"), ("cifar100", "resnet10")]
+TOL = 1e-5
+
+needs_fixtures = pytest.mark.skipif(
+    not os.path.isdir(FIXTURES),
+    reason=f"original-format checkpoints not found at {FIXTURES} (the shared fixtures folder)")
+
+
+def _api_file(dataset: str, arch: str) -> str:
+    return os.path.join(FIXTURES, "pool", dataset, arch, "meta_train", "5way", "model", "model_specific_0.pth")
+
+
+def _reference(dataset: str, arch: str) -> dict:
+    return torch.load(os.path.join(FIXTURES, f"reference_{dataset}_{arch}.pt"), weights_only=True)
+
+
+def _loaded(dataset: str, arch: str, **kw):
+    """network.build(...) with the file's weights mapped by network.original, strict, eval mode."""
+    from dataset.specs import get_spec
+    spec = get_spec(dataset)
+    ckpt = original.load_original(_api_file(dataset, arch))
+    held = original.describe(ckpt["teacher"])
+    model = network.build(arch, 5, channels=spec.channels, image_size=spec.image_size,
+                          pool=held.pool or "flatten", **kw)
+    model.load_state_dict(original.to_project(ckpt["teacher"], arch), strict=True)
+    return model.eval(), ckpt, spec
+
+
+@needs_fixtures
+@pytest.mark.parametrize("dataset,arch", POOLS)
+def test_original_checkpoint_reproduces_probs(dataset, arch):
+    from synthesis.api import BlackBoxAPI
+    model, ckpt, spec = _loaded(dataset, arch)
+    ref = _reference(dataset, arch)
+    assert original.is_original_checkpoint(ckpt)
+    assert original.detect_arch(ckpt["teacher"]) == arch
+    assert list(ckpt["specific"]) == ref["specific"].tolist()
+    with torch.no_grad():
+        probs = torch.softmax(model(ref["x_normalised"]), dim=1)
+    assert (probs - ref["probs"]).abs().max() <= TOL
+
+    api = BlackBoxAPI(model, ckpt["specific"], spec, arch)      # batch-norm folded, fast path
+    assert (api(ref["x_normalised"]) - ref["probs"]).abs().max() <= TOL
+    assert api.classes == ref["specific"].tolist()
+
+
+@needs_fixtures
+@pytest.mark.parametrize("dataset,arch", POOLS)
+def test_build_original_and_round_trip(dataset, arch):
+    """build_original checks what the caller expects; to_original gives back the file's state dict."""
+    from dataset.specs import get_spec
+    spec = get_spec(dataset)
+    ckpt = original.load_original(_api_file(dataset, arch))
+    model, classes = original.build_original(ckpt, arch, way=5, channels=3, image_size=spec.image_size)
+    assert not model.training and classes == list(ckpt["specific"])
+    ref = _reference(dataset, arch)
+    with torch.no_grad():
+        assert (torch.softmax(model(ref["x_normalised"]), 1) - ref["probs"]).abs().max() <= TOL
+
+    back = original.to_original(model.state_dict(), arch)
+    assert set(back) == set(ckpt["teacher"])
+    assert all(torch.equal(back[k], v) for k, v in ckpt["teacher"].items())
+
+    # The meta model (batch statistics only) takes the same weights without the running statistics.
+    meta = network.build(arch, 5, image_size=spec.image_size, batch_stats=True)
+    meta.load_state_dict(original.to_project(ckpt["teacher"], batch_stats=True), strict=True)
+
+
+@needs_fixtures
+def test_resnet_stem_relu_is_not_the_original():
+    """The original stem has no ReLU: with one, the fixture's probabilities are not reproduced."""
+    model, _, _ = _loaded("cifar100", "resnet10", stem_relu=True)
+    ref = _reference("cifar100", "resnet10")
+    with torch.no_grad():
+        probs = torch.softmax(model(ref["x_normalised"]), dim=1)
+    assert (probs - ref["probs"]).abs().max() > 1e-3
+
+
+@needs_fixtures
+@pytest.mark.parametrize("dataset,arch,asked", [("cifar100", "resnet10", "resnet18"),
+                                                ("cifar100", "conv4", "resnet10"),
+                                                ("miniimagenet", "conv4", "resnet50")])
+def test_wrong_architecture_names_the_held_one(dataset, arch, asked):
+    ckpt = original.load_original(_api_file(dataset, arch))
+    for call in (lambda: original.to_project(ckpt["teacher"], asked),
+                 lambda: original.build_original(ckpt, asked)):
+        with pytest.raises(ValueError, match=f"holds a {arch}, not a {asked}") as e:
+            call()
+        assert "\n" not in str(e.value)
+
+
+@needs_fixtures
+def test_other_mismatches_are_value_errors(tmp_path):
+    ckpt = original.load_original(_api_file("miniimagenet", "conv4"))
+    with pytest.raises(ValueError, match="80-95px inputs, not 32px"):
+        original.build_original(ckpt, "conv4", image_size=32)
+    with pytest.raises(ValueError, match="5-way conv4, not 10-way"):
+        original.build_original(ckpt, way=10)
+    with pytest.raises(ValueError, match="3-channel inputs, not 1"):
+        original.build_original(ckpt, channels=1)
+    bad = dict(ckpt["teacher"], **{"trunk.9.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="unexpected entry 'trunk.9.weight'"):
+        original.to_project(bad)
+    torch.save({"state_dict": {}}, tmp_path / "ours.pth")
+    with pytest.raises(ValueError, match="not an original BiDf-MKD API file"):
+        original.load_original(str(tmp_path / "ours.pth"))
+
+
+@pytest.mark.parametrize("arch", network.ARCHS)
+def test_name_mapping_round_trip_for_every_arch(arch):
+    """Every architecture maps to the original's names and back, and is recognised in both namings."""
+    model = network.build(arch, 7, init="torch")
+    ours = model.state_dict()
+    theirs = original.to_original(ours)
+    assert all(k.startswith("trunk.") for k in theirs)
+    assert original.detect_arch(ours) == original.detect_arch(theirs) == arch
+    back = original.to_project(theirs)
+    assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)
+
+
+def test_original_key_layout_of_resnet50():
+    """The original's bottleneck: a bias on the 3x3 convolution only, a projection shortcut without BN."""
+    theirs = original.to_original(network.build("resnet50", 5, init="torch").state_dict())
+    assert "trunk.2.C2.bias" in theirs and "trunk.2.C1.bias" not in theirs and "trunk.2.C3.bias" not in theirs
+    assert "trunk.2.shortcut.weight" in theirs and not any("BNshortcut" in k for k in theirs)
+    assert "trunk.3.shortcut.weight" not in theirs            # same width: identity shortcut
+    assert theirs["trunk.20.weight"].shape == (5, 2048)       # 16 blocks from trunk.2, then pool, flatten
+    assert len(theirs) == 6 + 16 * 19 + 4 + 2
+
+
+def test_init_original_statistics():
+    torch.manual_seed(0)
+    model = network.build("resnet18", 5)                    # init="original" is the default
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    for m in convs:
+        n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+        assert abs(m.weight.mean().item()) < 0.1 * math.sqrt(2.0 / n)
+        assert m.weight.std().item() == pytest.approx(math.sqrt(2.0 / n), rel=0.1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+
+    conv4 = network.build("conv4", 5)
+    w = conv4.features[1][0].weight                         # 3x3x32 fan: sigma = sqrt(2 / 288)
+    assert w.std().item() == pytest.approx(math.sqrt(2.0 / (9 * 32)), rel=0.1)
+    # init="torch" keeps PyTorch's kaiming-uniform default: sigma = 1 / sqrt(3 * fan_in) = 1 / sqrt(864)
+    w = network.build("conv4", 5, init="torch").features[1][0].weight
+    assert w.std().item() == pytest.approx(1 / math.sqrt(3 * 9 * 32), rel=0.1)
+
+
+def test_init_original_leaves_linear_layers_alone():
+    """The original's init touches convolutions and batch-norm only."""
+    model = network.build("conv4", 5, init="torch")
+    head = {k: v.clone() for k, v in model.head.state_dict().items()}
+    bias = model.features[0][0].bias.detach().clone()
+    network.init_original_(model)
+    assert all(torch.equal(model.head.state_dict()[k], v) for k, v in head.items())
+    assert torch.equal(model.features[0][0].bias, bias)
+
+
+@pytest.mark.parametrize("arch", ["resnet34", "resnet50", "resnet101"])
+def test_deep_resnets_forward(arch):
+    torch.manual_seed(0)
+    model = network.build(arch, 5)
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 32, 32))
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    width = 512 if arch == "resnet34" else 2048
+    assert model.head.in_features == width
