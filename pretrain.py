@@ -14,7 +14,7 @@ from core import cli  # noqa: E402
 from core.config import Config, parse  # noqa: E402
 
 FLAGS = ("dataset", "pre_backbone", "APInum", "way_pretrain", "pretrained_path_prefix", "data_root", "gpu",
-         "api_seed", "epochs", "batch_size", "lr", "workers", "tensorboard")
+         "api_seed", "epochs", "batch_size", "lr", "workers", "tensorboard", "init", "api_augment", "api_patience")
 
 
 PARSER = dict(prog="pretrain.py", names=FLAGS, aliases={"api_seed": ("--seed",)},

@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
         files = api_files(pool_dir(a.pool, a.dataset, a.arch, a.way))
         if a.api not in files:
             raise BidfError(f"no API {a.api} in {pool_dir(a.pool, a.dataset, a.arch, a.way)}")
-        api = load_api(files[a.api], device, compile=a.compile)
+        api = load_api(files[a.api], device, compile=a.compile, expect={"dataset": a.dataset, "arch": a.arch})
     else:
         api = random_api(a.arch, a.way, a.image_size, device, a.seed, compile=a.compile, **fast)
     build_s = time.perf_counter() - t_build

@@ -20,14 +20,14 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from .errors import FlagError
 
 BASELINES = ("none", "random_init", "maml_real")
-META_ARCHS = ("conv4", "resnet10", "resnet18")
-API_ARCHS = ("conv4", "resnet10", "resnet18")
+INITS = ("original", "torch")
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
 
 # Keys that may change between a run and its --resume without changing its results (pretraining
 # settings shape the pool, not the meta-training run).
 RUNTIME_KEYS = ("multigpu", "evaluate", "gpu", "resume", "overwrite", "out_dir", "data_root",
-                "pretrained_path_prefix", "pretrain", "workers", "tensorboard", "api_seed", "epochs", "batch_size", "lr")
+                "pretrained_path_prefix", "pretrain", "workers", "tensorboard", "api_seed", "epochs", "batch_size", "lr",
+                "api_augment", "api_patience")
 
 
 def _opt(group: str):
@@ -68,7 +68,10 @@ class Config:
     way_test: int = _task(5, "classes per test task")
     num_sup_test: int = _task(5, "support shots per class (test)")
     num_qur_test: int = _task(15, "query images per class (test)")
-    backbone: str = _task("conv4", "the meta model: conv4 | resnet10 | resnet18")
+    backbone: str = _task("conv4", "the meta model: conv4 | resnet10 | resnet18 | resnet34 | resnet50 | resnet101")
+    init: str = _task("original", "initialisation of the meta model and of APIs pretrained with these flags: "
+                                  "original (conv weights N(0, 2/(k*k*out)), batch-norm 1 and 0, as the original) "
+                                  "| torch (PyTorch's defaults)")
     episode_train: int = _task(240000, "meta-training tasks in total (API visits + replay tasks)")
     episode_test: int = _task(600, "evaluation tasks per split")
     start_id: int = _task(1, "id of the first task (tasks start_id..episode_train run)")
@@ -89,7 +92,8 @@ class Config:
     # the API pool and data recovery
     way_pretrain: int = _pool(5, "classes per API")
     APInum: int = _pool(100, "APIs in the pool (per dataset and architecture)")
-    pre_backbone: str = _pool("conv4", "API architecture: conv4 | resnet10 | resnet18 (API-SS); mix (API-SH/MH)")
+    pre_backbone: str = _pool("conv4", "API architecture: conv4 | resnet10 | resnet18 | resnet34 | resnet50 | "
+                                       "resnet101 (API-SS); mix (API-SH/MH: conv4, resnet10, resnet18)")
     generate_interval: int = _pool(200, "meta-batches without a better training accuracy before the next API visit")
     generate_iterations: int = _pool(200, "generator steps per recovered set")
     Glr: float = _pool(0.001, "Adam learning rate of the generator and its latent codes")
@@ -107,6 +111,10 @@ class Config:
     batch_size: int = _api(128, "images per pretraining step")
     lr: float | None = _api(None, "pretraining learning rate (default 0.01: Adam for conv4, SGD for the resnets)")
     workers: int = _api(0, "threads decoding images")
+    api_augment: bool = _api(False, "random crop/flip while pretraining an API (the original trains on the plain "
+                                    "images)")
+    api_patience: int = _api(60, "stop pretraining an API after this many epochs without a better validation "
+                                 "accuracy (the original's early stop)")
     tensorboard: bool = _api(True, "write TensorBoard curves of pretraining (<pool dir>/tensorboard/api_<i>)")
 
     def to_dict(self) -> dict:
@@ -276,12 +284,18 @@ def check_at_least(cfg: Config, bounds: dict) -> None:
 def check(cfg: Config) -> None:
     """Flag checks that need no data: one clear line naming the flag, before any work."""
     from dataset.specs import SPECS
+    from network import ARCHS
     if cfg.dataset != "mix" and cfg.dataset not in SPECS:
         raise FlagError(f"--dataset {cfg.dataset!r} is unknown; choose one of {', '.join(SPECS)} or mix (API-MH)")
-    if cfg.backbone not in META_ARCHS:
-        raise FlagError(f"--backbone {cfg.backbone!r} is unknown; choose one of {', '.join(META_ARCHS)}")
-    if cfg.pre_backbone not in (*API_ARCHS, "mix"):
-        raise FlagError(f"--pre_backbone {cfg.pre_backbone!r} is unknown; choose one of {', '.join(API_ARCHS)} or mix")
+    if cfg.backbone not in ARCHS:
+        raise FlagError(f"--backbone {cfg.backbone!r} is unknown; choose one of {', '.join(ARCHS)}")
+    if cfg.pre_backbone not in (*ARCHS, "mix"):
+        raise FlagError(f"--pre_backbone {cfg.pre_backbone!r} is unknown; choose one of {', '.join(ARCHS)} or mix")
+    if cfg.mh and cfg.pre_backbone != "mix":
+        raise FlagError(f"--dataset mix (API-MH) draws the architecture of every API too, so --pre_backbone "
+                        f"{cfg.pre_backbone} would be ignored; pass --pre_backbone mix")
+    if cfg.init not in INITS:
+        raise FlagError(f"--init {cfg.init!r} is unknown; choose one of {', '.join(INITS)}")
     if cfg.baseline not in BASELINES:
         raise FlagError(f"--baseline {cfg.baseline!r} is unknown; choose one of {', '.join(BASELINES)}")
     check_at_least(cfg, {
@@ -290,7 +304,7 @@ def check(cfg: Config) -> None:
         "val_interval": 1, "save_interval": 1, "num_sup_kd": 1, "num_qur_kd": 1, "generate_interval": 1,
         "generate_iterations": 1, "APInum": 1, "q": 1, "numsplit": 1, "max_batch_per_class": 1, "start_id": 1,
         "inner_update_num": 0, "test_inner_update_num": 0, "inner_update_num_kd": 0, "query_budget": 1,
-        "batch_size": 2, "epochs": 1, "workers": 0})
+        "batch_size": 2, "epochs": 1, "workers": 0, "api_patience": 1})
     for k in ("outer_lr", "Glr", "mu"):
         if not getattr(cfg, k) > 0:
             raise FlagError(f"--{k} must be positive, got {getattr(cfg, k)}")

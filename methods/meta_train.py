@@ -179,7 +179,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
         self.model = build(cfg.backbone, cfg.way_train, channels=self.prep.channels, image_size=self.prep.size,
-                           batch_stats=True, pool="max" if cfg.mh else "flatten"
+                           batch_stats=True, init=cfg.init, pool="max" if cfg.mh else "flatten"
                            ).to(self.device, memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.outer_lr)
         self.pool = self.memory = self.real = None

@@ -34,11 +34,14 @@ from dataset import DatasetSpec, get_spec, load_split, normalize, random_crop_fl
 from synthesis.store import api_files, api_path, pool_dir, read_meta, write_api
 
 GRAD_CLIP = 50.0
-LR_MILESTONES = (30, 50, 80)    # resnet schedule: lr x LR_GAMMA at these epochs
+LR_MILESTONES = {"conv4": (70,), "resnet": (30, 50, 80)}     # lr x LR_GAMMA at these epochs (the original's)
 LR_GAMMA = 0.2
 EVAL_BATCH = 512
 # Settings that define a pool: an existing API file that differs in any of them belongs to another pool.
-IDENTITY_KEYS = ("dataset", "arch", "way", "classes", "image_size", "channels", "epochs")
+IDENTITY_KEYS = ("dataset", "arch", "way", "classes", "image_size", "channels", "epochs", "init", "api_augment",
+                 "api_patience")
+# What files written before a setting existed were trained with.
+IDENTITY_BEFORE = {"init": "torch", "api_augment": True, "api_patience": None}
 
 
 @dataclass
@@ -106,12 +109,15 @@ def api_data(data, classes: list[int], device: torch.device, workers: int = 0) -
 # ----------------------------------------------------------------------------- training one API
 
 def make_optimizer(arch: str, model: nn.Module, lr: float | None):
-    """conv4: Adam(lr 0.01), constant. resnets: SGD(lr 0.01, momentum 0.9, wd 5e-4), x0.2 at 30/50/80."""
+    """The original's: conv4 Adam(lr 0.01), x0.2 at epoch 70; resnets SGD(lr 0.01, momentum 0.9,
+    weight decay 5e-4), x0.2 at epochs 30/50/80."""
     lr = 0.01 if lr is None else lr
     if arch == "conv4":
-        return torch.optim.Adam(model.parameters(), lr=lr), None
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(LR_MILESTONES), gamma=LR_GAMMA)
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    milestones = LR_MILESTONES["conv4" if arch == "conv4" else "resnet"]
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=LR_GAMMA)
 
 
 @torch.no_grad()
@@ -125,8 +131,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: DatasetSp
     return 100.0 * correct / max(1, len(x))
 
 
-def train_epoch(model, opt, d: APIData, batch_size: int, gen: torch.Generator) -> float:
-    """One pass over the training images in a random order; returns the mean loss."""
+def train_epoch(model, opt, d: APIData, batch_size: int, gen: torch.Generator, augment: bool = False) -> float:
+    """One pass over the training images in a random order; returns the mean loss.
+    augment: random crop/flip of each batch (the original trains on the plain images)."""
     model.train()
     perm = torch.randperm(len(d.train_x), device=d.train_x.device, generator=gen)
     total, seen = 0.0, 0
@@ -134,7 +141,8 @@ def train_epoch(model, opt, d: APIData, batch_size: int, gen: torch.Generator) -
         idx = perm[b:b + batch_size]
         if len(idx) < 2:        # a lone image gives degenerate batch-norm statistics
             continue
-        x = normalize(random_crop_flip(d.train_x[idx], generator=gen), d.spec.mean, d.spec.std)
+        x = d.train_x[idx]
+        x = normalize(random_crop_flip(x, generator=gen) if augment else x, d.spec.mean, d.spec.std)
         loss = F.cross_entropy(model(x), d.train_y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -146,25 +154,25 @@ def train_epoch(model, opt, d: APIData, batch_size: int, gen: torch.Generator) -
 
 
 def train_api(arch: str, way: int, d: APIData, *, epochs: int, batch_size: int, lr: float | None,
-              seed: int, desc: str = "", position: int = 1, show: bool = True,
-              writer=None) -> tuple[dict, float, int]:
+              seed: int, init: str = "original", augment: bool = False, patience: int | None = None,
+              desc: str = "", position: int = 1, show: bool = True, writer=None) -> tuple[dict, float, int]:
     """Train one API; returns (best-validation state dict on the CPU, its accuracy when reloaded, best epoch).
 
+    patience: stop after this many epochs without a better validation accuracy (None: never).
     The best state is a deep copy taken at the best epoch: keeping `model.state_dict()` itself
     would keep references to the live tensors and silently save the last epoch.
     """
     device = d.train_x.device
     torch.manual_seed(seed)
-    model = network.build(arch, way, channels=d.spec.channels, image_size=d.spec.image_size).to(device)
+    model = network.build(arch, way, channels=d.spec.channels, image_size=d.spec.image_size, init=init).to(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     opt, sched = make_optimizer(arch, model, lr)
     best_acc, best_epoch, best_state = -1.0, -1, None
     bar = tqdm(range(epochs), desc=desc, position=position, leave=False, dynamic_ncols=True, disable=not show)
     for epoch in bar:
-        loss = train_epoch(model, opt, d, batch_size, gen)
-        if sched is not None:
-            sched.step()
+        loss = train_epoch(model, opt, d, batch_size, gen, augment)
+        sched.step()
         acc = evaluate(model, d.val_x, d.val_y, d.spec)
         if acc > best_acc:
             best_acc, best_epoch = acc, epoch
@@ -173,6 +181,8 @@ def train_api(arch: str, way: int, d: APIData, *, epochs: int, batch_size: int, 
         if writer is not None:
             writer.add_scalar("loss/train", loss, epoch)
             writer.add_scalar("acc/val", acc, epoch)
+        if patience is not None and epoch - best_epoch >= patience:
+            break
     bar.close()
     if best_state is None:      # epochs == 0: the untrained weights are all there is
         best_state, best_epoch = copy.deepcopy(model.state_dict()), -1
@@ -191,14 +201,16 @@ def save_summary(rows: list[dict], path: str) -> None:
 def expected_identity(cfg: Config, spec: DatasetSpec, index: int) -> dict:
     return {"dataset": spec.name, "arch": cfg.pre_backbone, "way": cfg.way_pretrain,
             "classes": api_classes(cfg.api_seed, index, spec.classes_in("meta_train"), cfg.way_pretrain),
-            "image_size": spec.image_size, "channels": spec.channels, "epochs": resolve_epochs(cfg, spec)}
+            "image_size": spec.image_size, "channels": spec.channels, "epochs": resolve_epochs(cfg, spec),
+            "init": cfg.init, "api_augment": cfg.api_augment, "api_patience": cfg.api_patience}
 
 
 def check_api_file(path: str, cfg: Config, spec: DatasetSpec, index: int) -> dict:
     """Metadata of an existing API file; raises one clear error if it belongs to another pool."""
     meta = read_meta(path)
     want = expected_identity(cfg, spec, index)
-    diff = [f"{k} {meta.get(k)!r} (asked: {want[k]!r})" for k in IDENTITY_KEYS if meta.get(k) != want[k]]
+    held = {k: meta.get(k, IDENTITY_BEFORE.get(k)) for k in IDENTITY_KEYS}
+    diff = [f"{k} {held[k]!r} (asked: {want[k]!r})" for k in IDENTITY_KEYS if held[k] != want[k]]
     if diff:
         hint = (f" (it was trained with --seed {meta.get('seed')})"
                 if any(d.startswith("classes") for d in diff) and meta.get("seed") != cfg.api_seed else "")
@@ -244,12 +256,13 @@ def pretrain_one(cfg: Config, data, index: int, device: torch.device, dist: Dist
     seed = api_torch_seed(cfg.api_seed, index)
     try:
         state, val_acc, best_epoch = train_api(
-            cfg.pre_backbone, cfg.way_pretrain, d, epochs=ident["epochs"], batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
+            cfg.pre_backbone, cfg.way_pretrain, d, epochs=ident["epochs"], batch_size=cfg.batch_size, lr=cfg.lr,
+            seed=seed, init=cfg.init, augment=cfg.api_augment, patience=cfg.api_patience,
             desc=f"api {index}", position=position, show=dist.rank == 0, writer=writer)
     finally:
         if writer is not None:
             writer.close()
-    ckpt = {"state_dict": state, **ident, "val_acc": val_acc, "index": index, "seed": cfg.api_seed,
+    ckpt = {"state_dict": state, **ident, "stem_relu": False, "val_acc": val_acc, "index": index, "seed": cfg.api_seed,
             "best_epoch": best_epoch, "lr": 0.01 if cfg.lr is None else cfg.lr, "batch_size": cfg.batch_size,
             "num_train": len(d.train_x), "num_val": len(d.val_x),
             "trained_by": {"rank": dist.rank, "world_size": dist.world, "device": str(device)},
@@ -278,7 +291,7 @@ def pretrain_pool(cfg: Config, dist: Dist | None = None, say=print) -> list[dict
     if cfg.pre_backbone not in network.ARCHS:
         raise FlagError(f"--pre_backbone {cfg.pre_backbone!r} cannot be pretrained; choose one of "
                         f"{', '.join(network.ARCHS)} (pools for API-SH/MH are one pretrain.py run per architecture)")
-    check_at_least(cfg, {"APInum": 1, "way_pretrain": 2, "batch_size": 2, "epochs": 1, "workers": 0})
+    check_at_least(cfg, {"APInum": 1, "way_pretrain": 2, "batch_size": 2, "epochs": 1, "workers": 0, "api_patience": 1})
     data = load_split(cfg.data_root, spec, "meta_train")
     if data.num_classes < cfg.way_pretrain:
         raise DataError(f"{spec.name} meta_train has {data.num_classes} classes, fewer than "

@@ -278,7 +278,7 @@ def load_api(path: str, device="cpu", *, label_offset: int = 0, white_box: bool 
     from dataset.specs import get_spec
 
     from .store import load_model
-    model, meta = load_model(path, expect)
+    model, meta = load_model(path, expect)      # an original-format file needs expect["dataset"]
     key = f"{meta['dataset']}/{meta['arch']}/{meta.get('index', path)}"
     return BlackBoxAPI(model, [c + label_offset for c in meta["classes"]], get_spec(meta["dataset"]), meta["arch"],
                        device=device, white_box=white_box, meter=meter, budget=budget, key=key, compile=compile)

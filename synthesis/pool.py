@@ -22,11 +22,12 @@ import torch
 
 from core.errors import FlagError, PoolError
 from dataset.specs import MIX_DATASETS, get_spec
+from network import ARCHS       # every architecture a single-architecture pool may hold
 
 from .api import BlackBoxAPI, QueryMeter, load_api
 from .store import api_files, pool_dir, pretrain_command, read_meta
 
-ARCHS = ("conv4", "resnet10", "resnet18")
+MIX_ARCHS = ("conv4", "resnet10", "resnet18")   # what API-SH / API-MH draw among (the paper's)
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class APIPool:
         say = say or (lambda m: print(m, file=sys.stderr))
         mix = dataset == "mix"
         datasets = list(MIX_DATASETS) if mix else [dataset]
-        archs = list(ARCHS) if (arch == "mix" or mix) else [arch]
+        archs = list(MIX_ARCHS) if (arch == "mix" or mix) else [arch]
         if api_num < 1:
             raise FlagError(f"--APInum must be at least 1, got {api_num}")
         groups, missing = {}, []
@@ -148,6 +149,7 @@ class APIPool:
             return self._cache[key]
         spec_offset = get_spec(e.dataset).label_offset if self.mix else 0
         api = load_api(e.path, self.device, label_offset=spec_offset, white_box=self.white_box,
+                       expect={"dataset": e.dataset, "arch": e.arch},
                        meter=self.meter, compile=self.compile)
         self._cache[key] = api
         while len(self._cache) > self.cache_size:
