@@ -21,6 +21,8 @@ from .errors import FlagError
 
 BASELINES = ("none", "random_init", "maml_real")
 INITS = ("original", "torch")
+CHOICES = {"init": INITS, "boundary_student": ("clean", "perturbed"), "zo_space": ("normalized", "pixel"),
+           "inversion_augment": ("batch", "image"), "recipe": ("faithful", "improved")}
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
 
 # Keys that may change between a run and its --resume without changing its results (pretraining
@@ -61,6 +63,8 @@ class Config:
                                         "'random': an untrained one) on meta_test with the test-task flags",
                                   metavar="CHECKPOINT")
     pretrain: bool = _basic(False, "pretrain the API pool these flags name (as pretrain.py does), then stop")
+    recipe: str = _basic("faithful", "faithful: the original's method (with the fixes in docs/differences.md) | "
+                                     "improved: the variants the ablation found better (explicit flags still win)")
     # meta-training tasks (memory replay) and evaluation tasks
     way_train: int = _task(5, "classes per meta-training task")
     num_sup_train: int = _task(5, "support shots per class (training)")
@@ -88,6 +92,11 @@ class Config:
     num_qur_kd: int = _kd(30, "recovered query images per class")
     inner_update_num_kd: int = _kd(10, "inner KD steps on the recovered support set")
     adv: float = _kd(1.0, "weight of the boundary term when the query set is recovered")
+    boundary_student: str = _kd("clean", "boundary term: clean (the adapted student's output on the clean batch, "
+                                         "reused for all q perturbed copies, as the original) | perturbed (the "
+                                         "student on every perturbed copy)")
+    kd_augment: bool = _kd(True, "one random crop/flip of each recovered set before the inner KD steps and the "
+                                 "outer loss (as the original)")
     advstartit: int = _kd(-1, "boundary query sets once this many meta-iterations have passed")
     # the API pool and data recovery
     way_pretrain: int = _pool(5, "classes per API")
@@ -100,11 +109,15 @@ class Config:
     max_batch_per_class: int = _pool(20, "task memory: recovered batches kept per class")
     query_budget: int | None = _pool(None, "total API queries allowed (default: no limit)")
     replay_augment: bool = _pool(False, "random crop/flip of replayed images (off, as in the original)")
+    inversion_augment: str = _pool("batch", "crop/flip during inversion: batch (one draw per generator step, as "
+                                            "the original) | image (one draw per image)")
     # zero-order optimisation
     ZO: bool = _zo(False, "black box: zero-order gradient estimates (--no-ZO: the white-box ablation)")
     mu: float = _zo(0.005, "smoothing radius of the finite differences")
     q: int = _zo(100, "random directions per image per generator step")
     numsplit: int = _zo(5, "chunks the q perturbed copies are queried in (fewer: faster, more memory)")
+    zo_space: str = _zo("normalized", "where x + mu*u is taken: normalized (the API's normalised input, as the "
+                                      "original) | pixel ([0, 1] pixels before normalising: a 4-5x larger radius)")
     # API pretraining
     api_seed: int = _api(0, "seed of the API pool: API i's classes and initial weights depend on (api_seed, i)")
     epochs: int | None = _api(None, "epochs per API (default: 60 cifar100/miniimagenet/demo, 100 cub)")
@@ -126,6 +139,11 @@ class Config:
 
 
 DEFAULTS = Config()
+
+# Recipes: named sets of method choices, applied under a preset and explicit flags. faithful is the
+# original's method (the defaults); improved holds the variants that beat it in the ablation
+# (docs/differences.md, bench/ablation.py).
+RECIPES = {"faithful": {}, "improved": {}}
 FIELDS = {f.name: f for f in fields(Config)}
 _TYPES = typing.get_type_hints(Config)
 
@@ -220,14 +238,19 @@ def parse(argv=None, **spec) -> tuple[Config, argparse.Namespace]:
     Precedence: Config's defaults, then --preset's values, then the flags given explicitly."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset")
+    pre.add_argument("--recipe")
     known, _ = pre.parse_known_args(argv)
     preset = load_preset(known.preset) if known.preset else {}
+    recipe = known.recipe or preset.get("recipe", DEFAULTS.recipe)
+    if recipe not in RECIPES:
+        raise FlagError(f"--recipe {recipe!r} is unknown; choose one of {', '.join(RECIPES)}")
     names = spec.get("names")
-    ns = make_parser(**spec, defaults=preset).parse_args(argv)
+    base = {k: v for k, v in {**RECIPES[recipe], **preset, "recipe": recipe}.items() if names is None or k in names}
+    ns = make_parser(**spec, defaults=base).parse_args(argv)
     given = {k: v for k, v in vars(ns).items() if k in FIELDS}
     rest = argparse.Namespace(**{k: v for k, v in vars(ns).items() if k not in FIELDS and k != "preset"})
     rest.given = set(given)
-    return build({**{k: v for k, v in preset.items() if names is None or k in names}, **given}), rest
+    return build({**base, **given}), rest
 
 
 def options_markdown(parser: argparse.ArgumentParser, title: str) -> str:
@@ -294,8 +317,9 @@ def check(cfg: Config) -> None:
     if cfg.mh and cfg.pre_backbone != "mix":
         raise FlagError(f"--dataset mix (API-MH) draws the architecture of every API too, so --pre_backbone "
                         f"{cfg.pre_backbone} would be ignored; pass --pre_backbone mix")
-    if cfg.init not in INITS:
-        raise FlagError(f"--init {cfg.init!r} is unknown; choose one of {', '.join(INITS)}")
+    for k, allowed in CHOICES.items():
+        if getattr(cfg, k) not in allowed:
+            raise FlagError(f"--{k} {getattr(cfg, k)!r} is unknown; choose one of {', '.join(allowed)}")
     if cfg.baseline not in BASELINES:
         raise FlagError(f"--baseline {cfg.baseline!r} is unknown; choose one of {', '.join(BASELINES)}")
     check_at_least(cfg, {

@@ -12,21 +12,30 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - m) / s
 
 
-def random_crop_flip(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random crop after zero padding by `pad` pixels, then random horizontal flip, per image.
+def random_crop_flip(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None,
+                     per: str = "image") -> torch.Tensor:
+    """Random crop after zero padding by `pad` pixels, then random horizontal flip.
 
-    One gather does both: row/column indices are drawn per image and the flip reverses the
-    column indices. Gradients flow back to `x` (the generator is trained through this).
+    per="image": an offset and a coin flip drawn for each image; one gather does both (row/column
+    indices per image, the flip reverses the column indices).
+    per="batch": one offset and one coin for the whole batch, as torchvision's RandomCrop and
+    RandomHorizontalFlip do on a batched tensor; two index_selects, no host sync.
+    Gradients flow back to `x` (the generator is trained through this).
     """
+    if per not in ("image", "batch"):
+        raise ValueError(f"random_crop_flip: per must be 'image' or 'batch', got {per!r}")
     b, _, h, w = x.shape
     dev = x.device
     xp = F.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (b, 1), device=dev, generator=generator)
-    ox = torch.randint(0, 2 * pad + 1, (b, 1), device=dev, generator=generator)
-    flip = torch.rand(b, 1, device=dev, generator=generator) < 0.5
+    k = b if per == "image" else 1
+    oy = torch.randint(0, 2 * pad + 1, (k, 1), device=dev, generator=generator)
+    ox = torch.randint(0, 2 * pad + 1, (k, 1), device=dev, generator=generator)
+    flip = torch.rand(k, 1, device=dev, generator=generator) < 0.5
     rows = oy + torch.arange(h, device=dev)
-    cols_fwd = torch.arange(w, device=dev).expand(b, w)
+    cols_fwd = torch.arange(w, device=dev).expand(k, w)
     cols = ox + torch.where(flip, cols_fwd.flip(-1), cols_fwd)
+    if per == "batch":
+        return xp.index_select(2, rows[0]).index_select(3, cols[0])
     bi = torch.arange(b, device=dev).view(b, 1, 1)
     out = xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]   # [B, H, W, C]
     return out.permute(0, 3, 1, 2).contiguous()

@@ -286,13 +286,14 @@ def test_inversion_zero_order_recovers_target_classes(demo_pool):
         recover(api, 2, steps=1, zo=None)
 
 
-def test_recover_leaves_a_students_graph_alone():
+@pytest.mark.parametrize("boundary_student", ["clean", "perturbed"])
+def test_recover_leaves_a_students_graph_alone(boundary_student):
     api = BlackBoxAPI(random_model("conv4"), range(5), DEMO, "conv4", white_box=True)
     theta = (torch.randn(5, 3 * 32 * 32) * 0.01).requires_grad_()
     student = lambda x01: x01.flatten(1) @ theta.t()        # noqa: E731 (f_theta', part of a graph)
-    recover(api, 2, steps=2, zo=None, student=student, adv=1.0)
+    recover(api, 2, steps=2, zo=None, student=student, adv=1.0, boundary_student=boundary_student)
     recover(BlackBoxAPI(random_model("conv4"), range(5), DEMO, "conv4"), 2, steps=2,
-            zo=ZOConfig(q=3, numsplit=2), student=student, adv=1.0)
+            zo=ZOConfig(q=3, numsplit=2), student=student, adv=1.0, boundary_student=boundary_student)
     assert theta.grad is None
 
 
