@@ -1,0 +1,141 @@
+"""The ablation of the method's choices on the demo: the faithful default, each variant alone, all the
+project's earlier variants together, and the improved recipe.
+
+    python -m bench.ablation                       # every row (bash scriptskd/ablation.sh does this)
+    python -m bench.ablation --rows faithful,init_torch --jobs 2 --out runs/ablation
+
+Each row is `main.py --preset demo <its flags>` (400 tasks, model chosen on meta_val), then a 600-task
+5-way 1-shot meta-test evaluation of its best.pth. Rows run side by side, one thread each (`--jobs`,
+default: the number of cores). Writes <out>/ablation.json and <out>/ablation.md (the table of
+docs/differences.md); rerunning the same command resumes and skips finished rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# name -> (main.py flags, pool). Pools: "faithful" (the original's pretraining) or "api_augment"
+# (APIs pretrained with crop/flip, as the project did before).
+ROWS = {
+    "faithful": ([], "faithful"),
+    "boundary_student_perturbed": (["--boundary_student", "perturbed"], "faithful"),
+    "no_kd_augment": (["--no-kd_augment"], "faithful"),
+    "zo_space_pixel": (["--zo_space", "pixel"], "faithful"),
+    "inversion_augment_image": (["--inversion_augment", "image"], "faithful"),
+    "init_torch": (["--init", "torch"], "faithful"),
+    "project_api_pool": ([], "api_augment"),
+    "all_project_variants": (["--boundary_student", "perturbed", "--no-kd_augment", "--zo_space", "pixel",
+                              "--inversion_augment", "image", "--init", "torch"], "api_augment"),
+    "improved": (["--recipe", "improved"], "faithful"),
+}
+POOLS = {"faithful": [], "api_augment": ["--api_augment", "--init", "torch"]}
+
+
+def processor() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next(li.split(":", 1)[1].strip() for li in out.splitlines() if li.startswith("Model name"))
+        flags = next((li for li in out.splitlines() if li.startswith("Flags")), "")
+        isa = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
+        return f"{model} ({isa}), {os.cpu_count()} cores"
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def _run(cmd: list[str], log: str, threads: int) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    with open(log, "a") as f:
+        proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"`python {' '.join(cmd)}` failed; see {log}")
+
+
+def run_row(name: str, out: str, data_root: str, test_tasks: int) -> dict:
+    flags, pool = ROWS[name]
+    run, ev = os.path.join(out, name), os.path.join(out, "eval", name)
+    log = os.path.join(out, f"{name}.log")
+    t0 = time.time()
+    common = ["--preset", "demo", "--data_root", data_root]
+    if not os.path.isfile(os.path.join(run, "summary.json")):
+        _run(["main.py", *common, *flags, "--pretrained_path_prefix", os.path.join(out, f"pool_{pool}"),
+              "--out_dir", run, "--resume"], log, 1)
+    if not os.path.isfile(os.path.join(ev, "summary.json")):
+        _run(["main.py", *common, *flags, "--evaluate", os.path.join(run, "best.pth"), "--num_sup_test", "1",
+              "--episode_test", str(test_tasks), "--out_dir", ev, "--resume"], log, 1)
+    train, test = (json.load(open(os.path.join(d, "summary.json"))) for d in (run, ev))
+    return {"row": name, "flags": " ".join(flags) + (" (APIs pretrained with --api_augment --init torch)"
+                                                      if pool == "api_augment" else ""),
+            "acc": round(test["test_acc"], 2), "ci": round(test["test_ci"], 2), "api_queries": train["api_queries"],
+            "api_visits": train["api_visits"], "train_seconds": train["wall_seconds"],
+            "this_call_seconds": round(time.time() - t0, 1)}
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    base = next((r for r in rows if r["row"] == "faithful"), None)
+    lines = ["| row | flags | 5-way 1-shot (%) | vs faithful | API queries | visits | training s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if base is None or r is base:
+            vs = "—"
+        else:
+            d = r["acc"] - base["acc"]
+            apart = abs(d) > r["ci"] + base["ci"]
+            vs = f"{d:+.2f}{' (CIs apart)' if apart else ''}"
+        lines.append(f"| {r['row']} | `{r['flags'] or '(defaults)'}` | {r['acc']:.2f} ± {r['ci']:.2f} | {vs} | "
+                     f"{r['api_queries']:,} | {r['api_visits']} | {r['train_seconds']:.0f} |")
+    lines += ["", f"Demo preset (`--preset demo`), seed 2022, model chosen on meta_val; 5-way 1-shot meta-test accuracy "
+                  f"± 95% CI over {meta['test_tasks']} tasks. Measured {meta['date']} on {meta['processor']}, "
+                  f"{meta['jobs']} rows side by side, one thread each (training seconds overlap). "
+                  f"Command: `{meta['command']}`."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python -m bench.ablation", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/ablation")
+    p.add_argument("--data_root", default="./DFL2Ldata")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="rows run side by side, one thread each")
+    p.add_argument("--test_tasks", type=int, default=600)
+    a = p.parse_args(argv)
+    rows = [r.strip() for r in a.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        p.error(f"unknown rows {unknown}; choose among {', '.join(ROWS)}")
+    out = os.path.abspath(a.out)
+    os.makedirs(os.path.join(out, "eval"), exist_ok=True)
+    data_root = os.path.abspath(a.data_root)
+    _run(["-m", "dataset.demo", "--data_root", data_root], os.path.join(out, "data.log"), 2)
+    for pool in sorted({ROWS[r][1] for r in rows}):
+        print(f"[ablation] pool {pool}", flush=True)
+        _run(["pretrain.py", "--preset", "demo", "--data_root", data_root, *POOLS[pool], "--no-tensorboard",
+              "--pretrained_path_prefix", os.path.join(out, f"pool_{pool}")], os.path.join(out, f"pool_{pool}.log"),
+             os.cpu_count() or 1)
+    results = {}
+    with ThreadPoolExecutor(max(1, a.jobs)) as ex:
+        futures = {r: ex.submit(run_row, r, out, data_root, a.test_tasks) for r in rows}
+        for r in rows:
+            results[r] = futures[r].result()
+            print(f"[ablation] {r}: {results[r]['acc']:.2f} ± {results[r]['ci']:.2f}", flush=True)
+    table = [results[r] for r in rows]
+    meta = {"date": time.strftime("%Y-%m-%d"), "processor": processor(), "jobs": a.jobs, "test_tasks": a.test_tasks,
+            "command": "python -m bench.ablation" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()}
+    from core.io import atomic_json, atomic_text
+    atomic_json({"rows": table, **meta}, os.path.join(out, "ablation.json"))
+    atomic_text(markdown(table, meta), os.path.join(out, "ablation.md"))
+    print(markdown(table, meta))
+    return table
+
+
+if __name__ == "__main__":
+    main()
