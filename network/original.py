@@ -287,21 +287,10 @@ def to_original(state: Mapping[str, torch.Tensor], arch: str | None = None, *,
 
 # ----------------------------------------------------------------------------- building
 
-def load_original(path: str) -> dict:
-    """Read one original API file (on the CPU, tensors only); ValueError if it is not one."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:      # noqa: BLE001 - any unreadable file is one error
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
-    if not is_original_checkpoint(ckpt):
-        raise ValueError(f"{path} is not an original BiDf-MKD API file ({{'teacher', 'specific'}})")
-    return ckpt
-
-
 def build_original(ckpt: Mapping, arch: str | None = None, *, way: int | None = None,
                    channels: int | None = None, image_size: int | None = None,
                    batch_stats: bool = False) -> tuple[nn.Module, list[int]]:
-    """The network of an original API file (the dict from `load_original`), weights loaded
+    """The network of an original API file (as core.io.load_checkpoint reads it), weights loaded
     (strict), in eval mode; and its class ids ('specific').
 
     arch / way / channels / image_size: what the caller expects; any that the file contradicts

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import network
+from core.io import load_checkpoint
 from network import original
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +34,7 @@ def _loaded(dataset: str, arch: str, **kw):
     """network.build(...) with the file's weights mapped by network.original, strict, eval mode."""
     from dataset.specs import get_spec
     spec = get_spec(dataset)
-    ckpt = original.load_original(_api_file(dataset, arch))
+    ckpt = load_checkpoint(_api_file(dataset, arch))
     held = original.describe(ckpt["teacher"])
     model = network.build(arch, 5, channels=spec.channels, image_size=spec.image_size,
                           pool=held.pool or "flatten", **kw)
@@ -65,7 +66,7 @@ def test_build_original_and_round_trip(dataset, arch):
     """build_original checks what the caller expects; to_original gives back the file's state dict."""
     from dataset.specs import get_spec
     spec = get_spec(dataset)
-    ckpt = original.load_original(_api_file(dataset, arch))
+    ckpt = load_checkpoint(_api_file(dataset, arch))
     model, classes = original.build_original(ckpt, arch, way=5, channels=3, image_size=spec.image_size)
     assert not model.training and classes == list(ckpt["specific"])
     ref = _reference(dataset, arch)
@@ -96,7 +97,7 @@ def test_resnet_stem_relu_is_not_the_original():
                                                 ("cifar100", "conv4", "resnet10"),
                                                 ("miniimagenet", "conv4", "resnet50")])
 def test_wrong_architecture_names_the_held_one(dataset, arch, asked):
-    ckpt = original.load_original(_api_file(dataset, arch))
+    ckpt = load_checkpoint(_api_file(dataset, arch))
     for call in (lambda: original.to_project(ckpt["teacher"], asked),
                  lambda: original.build_original(ckpt, asked)):
         with pytest.raises(ValueError, match=f"holds a {arch}, not a {asked}") as e:
@@ -106,7 +107,7 @@ def test_wrong_architecture_names_the_held_one(dataset, arch, asked):
 
 @needs_fixtures
 def test_other_mismatches_are_value_errors(tmp_path):
-    ckpt = original.load_original(_api_file("miniimagenet", "conv4"))
+    ckpt = load_checkpoint(_api_file("miniimagenet", "conv4"))
     with pytest.raises(ValueError, match="80-95px inputs, not 32px"):
         original.build_original(ckpt, "conv4", image_size=32)
     with pytest.raises(ValueError, match="5-way conv4, not 10-way"):
@@ -117,8 +118,10 @@ def test_other_mismatches_are_value_errors(tmp_path):
     with pytest.raises(ValueError, match="unexpected entry 'trunk.9.weight'"):
         original.to_project(bad)
     torch.save({"state_dict": {}}, tmp_path / "ours.pth")
-    with pytest.raises(ValueError, match="not an original BiDf-MKD API file"):
-        original.load_original(str(tmp_path / "ours.pth"))
+    ours = load_checkpoint(str(tmp_path / "ours.pth"))
+    assert not original.is_original_checkpoint(ours)
+    with pytest.raises(ValueError, match="not an original BiDf-MKD API checkpoint"):
+        original.build_original(ours)
 
 
 @pytest.mark.parametrize("arch", network.ARCHS)
@@ -182,3 +185,80 @@ def test_deep_resnets_forward(arch):
     assert out.shape == (2, 5) and torch.isfinite(out).all()
     width = 512 if arch == "resnet34" else 2048
     assert model.head.in_features == width
+
+
+# ------------------------------------------------------------------ the original's pools, as they are
+
+
+@needs_fixtures
+@pytest.mark.parametrize("dataset, arch", POOLS)
+def test_original_pool_serves_the_reference_probabilities(dataset, arch):
+    """An original pool folder is an API pool as it is: the black-box API gives the reference outputs."""
+    from synthesis import APIPool
+    pool = APIPool.load(os.path.join(FIXTURES, "pool"), dataset, arch, 5, 1, "cpu", say=lambda m: None)
+    api = pool.get(dataset, arch, 0)
+    ref = _reference(dataset, arch)
+    assert api.classes == [int(c) for c in ref["specific"]]
+    assert torch.allclose(api(ref["x_normalised"]), ref["probs"], atol=TOL, rtol=0)
+
+
+@needs_fixtures
+def test_original_file_of_another_arch_is_one_line(tmp_path):
+    import shutil
+
+    from core.errors import PoolError
+    from synthesis import APIPool
+    from synthesis.store import pool_dir
+    folder = pool_dir(str(tmp_path), "cifar100", "conv4", 5)
+    os.makedirs(folder)
+    shutil.copy(_api_file("cifar100", "resnet10"), os.path.join(folder, "model_specific_0.pth"))
+    with pytest.raises(PoolError, match=r"model_specific_0\.pth .*holding a resnet10, not a conv4") as e:
+        APIPool.load(str(tmp_path), "cifar100", "conv4", 5, 1, "cpu", say=lambda m: None)
+    assert "\n" not in str(e.value)
+
+
+@needs_fixtures
+def test_synthesis_command_recovers_from_an_original_pool(tmp_path):
+    from conftest import run_cli
+    grid = tmp_path / "grid.png"
+    proc = run_cli(["-m", "synthesis", "--pretrained_path_prefix", os.path.join(FIXTURES, "pool"), "--dataset",
+                    "cifar100", "--pre_backbone", "conv4", "--ZO", "--q", "2", "--numsplit", "1",
+                    "--generate_iterations", "2", "--num_per_class", "2", "--out", str(grid), "--no_progress"])
+    import json
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert grid.is_file() and out["api_queries"] == 2 * 5 * 2 * (2 + 1)
+
+
+# The flags of the original's scriptskd/pretrain.sh (its mainKD.py --pretrain), on the demo data.
+ORIGINAL_PRETRAIN = ["--multigpu", "0", "--gpu", "0", "--way_train", "5", "--num_sup_train", "1", "--num_qur_train",
+                     "15", "--way_test", "5", "--num_sup_test", "1", "--num_qur_test", "15", "--backbone", "conv4",
+                     "--episode_train", "240000", "--episode_test", "600", "--inner_update_num", "5",
+                     "--test_inner_update_num", "10", "--start_id", "1", "--inner_lr", "0.01", "--outer_lr", "0.001",
+                     "--episode_batch", "4", "--val_interval", "2000", "--save_interval", "2000", "--num_sup_kd", "30",
+                     "--num_qur_kd", "30", "--inner_update_num_kd", "10", "--adv", "1", "--advstartit", "4000",
+                     "--way_pretrain", "5", "--pre_backbone", "conv4", "--generate_interval", "200",
+                     "--generate_iterations", "200", "--Glr", "0.001", "--ZO", "--mu", "0.005", "--q", "100",
+                     "--numsplit", "5", "--pretrain"]
+
+
+def test_main_pretrain_with_the_original_flags_makes_a_usable_pool(demo_root, tmp_path):
+    from conftest import run_cli
+    prefix = str(tmp_path / "pool")
+    where = ["--dataset", "demo", "--data_root", demo_root, "--pretrained_path_prefix", prefix]
+    run_cli(["main.py", *ORIGINAL_PRETRAIN, *where, "--APInum", "2", "--epochs", "1", "--no-tensorboard"])
+    tiny = ["--APInum", "2", "--q", "2", "--numsplit", "1", "--generate_iterations", "2", "--num_sup_kd", "2",
+            "--num_qur_kd", "3", "--inner_update_num_kd", "1", "--num_sup_train", "1", "--num_qur_train", "2",
+            "--inner_update_num", "1", "--episode_train", "4", "--episode_test", "2", "--val_interval", "4",
+            "--save_interval", "4", "--test_inner_update_num", "1", "--max_batch_per_class", "4"]
+    flags = [f for f in ORIGINAL_PRETRAIN if f != "--pretrain"]
+    proc = run_cli(["main.py", *flags, *where, *tiny, "--out_dir", str(tmp_path / "run")])
+    summary = __import__("json").load(open(tmp_path / "run" / "summary.json"))
+    assert summary["api_visits"] >= 1 and summary["tasks"] == 4, proc.stdout
+
+
+def test_mix_dataset_with_one_arch_is_one_line(demo_root, tmp_path):
+    from conftest import run_cli
+    proc = run_cli(["main.py", "--dataset", "mix", "--pre_backbone", "conv4", "--out_dir", str(tmp_path / "r")],
+                   check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "--pre_backbone mix" in lines[0]
