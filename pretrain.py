@@ -11,13 +11,9 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from core import cli  # noqa: E402
-from core.config import Config, parse  # noqa: E402
+from core.config import PRETRAIN_SETTINGS, Config, parse  # noqa: E402
 
-FLAGS = ("dataset", "pre_backbone", "APInum", "way_pretrain", "pretrained_path_prefix", "data_root", "gpu",
-         "api_seed", "epochs", "batch_size", "lr", "workers", "tensorboard", "init", "api_augment", "api_patience")
-
-
-PARSER = dict(prog="pretrain.py", names=FLAGS, aliases={"api_seed": ("--seed",)},
+PARSER = dict(prog="pretrain.py", names=PRETRAIN_SETTINGS, aliases={"api_seed": ("--seed",)},
               description="Pretrain a pool of APIs, each on --way_pretrain meta-train classes; resumable "
                           "(finished APIs are skipped) and shardable over torchrun.")
 

@@ -19,20 +19,18 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from .errors import FlagError
 
-BASELINES = ("none", "random_init", "maml_real")
-INITS = ("original", "torch")
-CHOICES = {"init": INITS, "boundary_student": ("clean", "perturbed"), "zo_space": ("normalized", "pixel"),
-           "inversion_augment": ("batch", "image"), "recipe": ("faithful", "improved")}
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
 
 # Keys that may change between a run and its --resume without changing its results (pretraining
 # settings shape the pool, not the meta-training run).
 RUNTIME_KEYS = ("multigpu", "evaluate", "gpu", "resume", "overwrite", "out_dir", "data_root",
-                "pretrained_path_prefix", "pretrain", "workers", "tensorboard", "api_seed", "epochs", "batch_size", "lr",
-                "api_augment", "api_patience")
+                "pretrained_path_prefix", "pretrain", "workers", "tensorboard", "api_seed", "epochs",
+                "batch_size", "lr", "api_augment", "api_patience")
 
 
 def _opt(group: str):
+    """A Config field of one flag group. Checked by `check_values`: low (at least; an int setting is
+    at least 1 unless its field says otherwise, None: any), above (more than), choices (one of)."""
     def make(default, help: str, **meta):
         return field(default=default, metadata={"help": help, "group": group, **meta})
     return make
@@ -46,43 +44,39 @@ _basic, _task, _kd, _pool, _zo, _api = (_opt(g) for g in (
 @dataclass
 class Config:
     # basic
-    multigpu: str = _basic("0", "visible CUDA devices (sets CUDA_VISIBLE_DEVICES); main.py keeps the "
-                                "environment's when the flag is not given")
-    gpu: int = _basic(0, "CUDA device among the visible ones (the CPU when there is none)")
+    multigpu: str = _basic("0", "visible CUDA devices (CUDA_VISIBLE_DEVICES; kept from the environment if unset)")
+    gpu: int = _basic(0, "CUDA device among the visible ones (the CPU when there is none)", low=0)
     dataset: str = _basic("cifar100", "cifar100 | miniimagenet | cub | demo; mix for API-MH")
     pretrained_path_prefix: str = _basic("./pretrained_blackbox", "root of the API pools")
     data_root: str = _basic("./DFL2Ldata", "root of the datasets")
     out_dir: str | None = _basic(None, "run directory (default: runs/<name made of the key flags>)")
-    seed: int = _basic(2022, "seed of the run: meta-model init, API draws, tasks")
-    eval_seed: int = _basic(0, "seed of the fixed evaluation tasks (the same for every run)")
+    seed: int = _basic(2022, "seed of the run: meta-model init, API draws, tasks", low=None)
+    eval_seed: int = _basic(0, "seed of the fixed evaluation tasks (the same for every run)", low=None)
     resume: bool = _basic(False, "continue the run in --out_dir from its last.pth")
     overwrite: bool = _basic(False, "delete the run in --out_dir and start over")
-    baseline: str = _basic("none", "none | random_init (evaluate the untrained meta model) | maml_real "
-                                   "(MAML on the real meta-train images, the upper bound)")
-    evaluate: str | None = _basic(None, "only evaluate the meta model saved in this checkpoint (a run's best.pth; "
-                                        "'random': an untrained one) on meta_test with the test-task flags",
-                                  metavar="CHECKPOINT")
+    baseline: str = _basic("none", "none | random_init (the untrained meta model) | maml_real (MAML on real images)",
+                           choices=("none", "random_init", "maml_real"))
+    evaluate: str | None = _basic(None, "only score this saved meta model (or 'random') on meta_test", metavar="CKPT")
     pretrain: bool = _basic(False, "pretrain the API pool these flags name (as pretrain.py does), then stop")
-    recipe: str = _basic("faithful", "faithful: the original's method (with the fixes in docs/differences.md) | "
-                                     "improved: the variants the ablation found better (explicit flags still win)")
+    recipe: str = _basic("faithful", "faithful (the original's method) | improved (docs/differences.md)",
+                         choices=("faithful", "improved"))
     # meta-training tasks (memory replay) and evaluation tasks
-    way_train: int = _task(5, "classes per meta-training task")
+    way_train: int = _task(5, "classes per meta-training task", low=2)
     num_sup_train: int = _task(5, "support shots per class (training)")
     num_qur_train: int = _task(15, "query images per class (training)")
-    way_test: int = _task(5, "classes per test task")
+    way_test: int = _task(5, "classes per test task", low=2)
     num_sup_test: int = _task(5, "support shots per class (test)")
     num_qur_test: int = _task(15, "query images per class (test)")
     backbone: str = _task("conv4", "the meta model: conv4 | resnet10 | resnet18 | resnet34 | resnet50 | resnet101")
-    init: str = _task("original", "initialisation of the meta model and of APIs pretrained with these flags: "
-                                  "original (conv weights N(0, 2/(k*k*out)), batch-norm 1 and 0, as the original) "
-                                  "| torch (PyTorch's defaults)")
+    init: str = _task("original", "meta-model (and API) init: original (its init_layer) | torch (PyTorch's)",
+                      choices=("original", "torch"))
     episode_train: int = _task(240000, "meta-training tasks in total (API visits + replay tasks)")
     episode_test: int = _task(600, "evaluation tasks per split")
     start_id: int = _task(1, "id of the first task (tasks start_id..episode_train run)")
-    inner_update_num: int = _task(5, "inner steps on replay tasks")
-    test_inner_update_num: int = _task(10, "inner steps at test time")
-    inner_lr: float = _task(0.01, "inner-loop SGD step")
-    outer_lr: float = _task(0.001, "Adam step of the meta model")
+    inner_update_num: int = _task(5, "inner steps on replay tasks", low=0)
+    test_inner_update_num: int = _task(10, "inner steps at test time", low=0)
+    inner_lr: float = _task(0.01, "inner-loop SGD step", low=0)
+    outer_lr: float = _task(0.001, "Adam step of the meta model", above=0)
     approx: bool = _task(False, "first-order MAML")
     episode_batch: int = _task(4, "tasks per meta-batch (one Adam step)")
     val_interval: int = _task(2000, "tasks between evaluations")
@@ -90,44 +84,39 @@ class Config:
     # bi-level meta knowledge distillation
     num_sup_kd: int = _kd(30, "recovered support images per class")
     num_qur_kd: int = _kd(30, "recovered query images per class")
-    inner_update_num_kd: int = _kd(10, "inner KD steps on the recovered support set")
-    adv: float = _kd(1.0, "weight of the boundary term when the query set is recovered")
-    boundary_student: str = _kd("clean", "boundary term: clean (the adapted student's output on the clean batch, "
-                                         "reused for all q perturbed copies, as the original) | perturbed (the "
-                                         "student on every perturbed copy)")
-    kd_augment: bool = _kd(True, "one random crop/flip of each recovered set before the inner KD steps and the "
-                                 "outer loss (as the original)")
-    advstartit: int = _kd(-1, "boundary query sets once this many meta-iterations have passed")
+    inner_update_num_kd: int = _kd(10, "inner KD steps on the recovered support set", low=0)
+    adv: float = _kd(1.0, "weight of the boundary term when the query set is recovered", low=0)
+    boundary_student: str = _kd("clean", "boundary term's student: clean (once per step, as the original) | perturbed",
+                                choices=("clean", "perturbed"))
+    kd_augment: bool = _kd(True, "one crop/flip of each recovered set before KD (as the original)")
+    advstartit: int = _kd(-1, "boundary query sets once this many meta-iterations have passed", low=None)
     # the API pool and data recovery
-    way_pretrain: int = _pool(5, "classes per API")
+    way_pretrain: int = _pool(5, "classes per API", low=2)
     APInum: int = _pool(100, "APIs in the pool (per dataset and architecture)")
-    pre_backbone: str = _pool("conv4", "API architecture: conv4 | resnet10 | resnet18 | resnet34 | resnet50 | "
-                                       "resnet101 (API-SS); mix (API-SH/MH: conv4, resnet10, resnet18)")
+    pre_backbone: str = _pool("conv4", "API architecture (a network name) for API-SS; mix for API-SH/MH")
     generate_interval: int = _pool(200, "meta-batches without a better training accuracy before the next API visit")
     generate_iterations: int = _pool(200, "generator steps per recovered set")
-    Glr: float = _pool(0.001, "Adam learning rate of the generator and its latent codes")
+    Glr: float = _pool(0.001, "Adam learning rate of the generator and its latent codes", above=0)
     max_batch_per_class: int = _pool(20, "task memory: recovered batches kept per class")
     query_budget: int | None = _pool(None, "total API queries allowed (default: no limit)")
     replay_augment: bool = _pool(False, "random crop/flip of replayed images (off, as in the original)")
-    inversion_augment: str = _pool("batch", "crop/flip during inversion: batch (one draw per generator step, as "
-                                            "the original) | image (one draw per image)")
+    inversion_augment: str = _pool("batch", "inversion crop/flip: batch (one per step, as the original) | image",
+                                   choices=("batch", "image"))
     # zero-order optimisation
     ZO: bool = _zo(False, "black box: zero-order gradient estimates (--no-ZO: the white-box ablation)")
-    mu: float = _zo(0.005, "smoothing radius of the finite differences")
+    mu: float = _zo(0.005, "smoothing radius of the finite differences", above=0)
     q: int = _zo(100, "random directions per image per generator step")
     numsplit: int = _zo(5, "chunks the q perturbed copies are queried in (fewer: faster, more memory)")
-    zo_space: str = _zo("normalized", "where x + mu*u is taken: normalized (the API's normalised input, as the "
-                                      "original) | pixel ([0, 1] pixels before normalising: a 4-5x larger radius)")
+    zo_space: str = _zo("normalized", "perturb the normalized API input (as the original) | pixel ([0, 1] images)",
+                        choices=("normalized", "pixel"))
     # API pretraining
-    api_seed: int = _api(0, "seed of the API pool: API i's classes and initial weights depend on (api_seed, i)")
+    api_seed: int = _api(0, "API i's classes and initial weights depend on (api_seed, i)", low=None)
     epochs: int | None = _api(None, "epochs per API (default: 60 cifar100/miniimagenet/demo, 100 cub)")
-    batch_size: int = _api(128, "images per pretraining step")
+    batch_size: int = _api(128, "images per pretraining step", low=2)
     lr: float | None = _api(None, "pretraining learning rate (default 0.01: Adam for conv4, SGD for the resnets)")
-    workers: int = _api(0, "threads decoding images")
-    api_augment: bool = _api(False, "random crop/flip while pretraining an API (the original trains on the plain "
-                                    "images)")
-    api_patience: int = _api(60, "stop pretraining an API after this many epochs without a better validation "
-                                 "accuracy (the original's early stop)")
+    workers: int = _api(0, "threads decoding images", low=0)
+    api_augment: bool = _api(False, "crop/flip while pretraining an API (the original uses plain images)")
+    api_patience: int = _api(60, "early stop: epochs without a better validation accuracy (the original's)")
     tensorboard: bool = _api(True, "write TensorBoard curves of pretraining (<pool dir>/tensorboard/api_<i>)")
 
     def to_dict(self) -> dict:
@@ -139,6 +128,10 @@ class Config:
 
 
 DEFAULTS = Config()
+# The settings API pretraining reads (pretrain.py's flags; main.py --pretrain uses the same).
+PRETRAIN_SETTINGS = ("dataset", "pre_backbone", "APInum", "way_pretrain", "pretrained_path_prefix", "data_root", "gpu",
+                     "api_seed", "epochs", "batch_size", "lr", "workers", "tensorboard", "init", "api_augment",
+                     "api_patience")
 
 # Recipes: named sets of method choices, applied under a preset and explicit flags. faithful is the
 # original's method (the defaults); improved holds the variants that beat it in the ablation
@@ -297,11 +290,19 @@ def config_diff(a: dict, b: dict) -> list[str]:
     return sorted(k for k in keys if a.get(k, default(k)) != b.get(k, default(k)))
 
 
-def check_at_least(cfg: Config, bounds: dict) -> None:
-    for k, lo in bounds.items():
-        v = getattr(cfg, k)
-        if v is not None and v < lo:
-            raise FlagError(f"--{k} must be at least {lo}, got {v}")
+def check_values(cfg: Config, names=None) -> None:
+    """Each setting in `names` (all by default) against its field's low / above / choices."""
+    for name in names or FIELDS:
+        meta, v = FIELDS[name].metadata, getattr(cfg, name)
+        if v is None:
+            continue
+        low = meta.get("low", 1 if _flag_type(name) is int else None)
+        if low is not None and v < low:
+            raise FlagError(f"--{name} must be at least {low}, got {v}")
+        if "above" in meta and not v > meta["above"]:
+            raise FlagError(f"--{name} must be more than {meta['above']}, got {v}")
+        if "choices" in meta and v not in meta["choices"]:
+            raise FlagError(f"--{name} {v!r} is unknown; choose one of {', '.join(meta['choices'])}")
 
 
 def check(cfg: Config) -> None:
@@ -317,24 +318,7 @@ def check(cfg: Config) -> None:
     if cfg.mh and cfg.pre_backbone != "mix":
         raise FlagError(f"--dataset mix (API-MH) draws the architecture of every API too, so --pre_backbone "
                         f"{cfg.pre_backbone} would be ignored; pass --pre_backbone mix")
-    for k, allowed in CHOICES.items():
-        if getattr(cfg, k) not in allowed:
-            raise FlagError(f"--{k} {getattr(cfg, k)!r} is unknown; choose one of {', '.join(allowed)}")
-    if cfg.baseline not in BASELINES:
-        raise FlagError(f"--baseline {cfg.baseline!r} is unknown; choose one of {', '.join(BASELINES)}")
-    check_at_least(cfg, {
-        "way_train": 2, "way_test": 2, "way_pretrain": 2, "num_sup_train": 1, "num_qur_train": 1,
-        "num_sup_test": 1, "num_qur_test": 1, "episode_train": 1, "episode_test": 1, "episode_batch": 1,
-        "val_interval": 1, "save_interval": 1, "num_sup_kd": 1, "num_qur_kd": 1, "generate_interval": 1,
-        "generate_iterations": 1, "APInum": 1, "q": 1, "numsplit": 1, "max_batch_per_class": 1, "start_id": 1,
-        "inner_update_num": 0, "test_inner_update_num": 0, "inner_update_num_kd": 0, "query_budget": 1,
-        "batch_size": 2, "epochs": 1, "workers": 0, "api_patience": 1})
-    for k in ("outer_lr", "Glr", "mu"):
-        if not getattr(cfg, k) > 0:
-            raise FlagError(f"--{k} must be positive, got {getattr(cfg, k)}")
-    for k in ("inner_lr", "adv"):
-        if getattr(cfg, k) < 0:
-            raise FlagError(f"--{k} must not be negative, got {getattr(cfg, k)}")
+    check_values(cfg)
     if cfg.start_id > cfg.episode_train:
         raise FlagError(f"--start_id {cfg.start_id} is past --episode_train {cfg.episode_train}: no task to run")
     if cfg.way_test > cfg.way_train:

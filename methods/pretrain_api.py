@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 import network
-from core.config import Config, check_at_least
+from core.config import PRETRAIN_SETTINGS, Config, check_values
 from core.device import pick_device
 from core.errors import DataError, FlagError, PoolError
 from core.io import atomic_text
@@ -291,7 +291,7 @@ def pretrain_pool(cfg: Config, dist: Dist | None = None, say=print) -> list[dict
     if cfg.pre_backbone not in network.ARCHS:
         raise FlagError(f"--pre_backbone {cfg.pre_backbone!r} cannot be pretrained; choose one of "
                         f"{', '.join(network.ARCHS)} (pools for API-SH/MH are one pretrain.py run per architecture)")
-    check_at_least(cfg, {"APInum": 1, "way_pretrain": 2, "batch_size": 2, "epochs": 1, "workers": 0, "api_patience": 1})
+    check_values(cfg, PRETRAIN_SETTINGS)
     data = load_split(cfg.data_root, spec, "meta_train")
     if data.num_classes < cfg.way_pretrain:
         raise DataError(f"{spec.name} meta_train has {data.num_classes} classes, fewer than "

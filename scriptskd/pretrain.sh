@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Pretrain the API pool with the original's settings: 100 conv4 APIs, 5-way, on CIFAR-FS.
-# Extra flags are passed through and override these (the last occurrence wins), e.g.
-#   bash scriptskd/pretrain.sh --dataset demo --APInum 10
+# Pretrain an API pool with the original's settings (by default 100 conv4 5-way APIs on CIFAR-FS;
+# every default is in core/config.py). Extra flags are passed through, e.g.
 #   bash scriptskd/pretrain.sh --dataset miniimagenet --pre_backbone resnet18
+#   bash scriptskd/pretrain.sh --preset demo
 # NPROC=4 bash scriptskd/pretrain.sh ...   shards the pool over 4 processes (torchrun; one GPU each).
 set -eo pipefail
 . "$(dirname "$0")/env.sh"
@@ -10,10 +10,4 @@ launch=(python)
 if [ "${NPROC:-1}" -gt 1 ]; then
   launch=(python -m torch.distributed.run --standalone --nproc_per_node "$NPROC")
 fi
-exec "${launch[@]}" pretrain.py \
-  --dataset cifar100 \
-  --pre_backbone conv4 \
-  --APInum 100 \
-  --way_pretrain 5 \
-  --pretrained_path_prefix ./pretrained_blackbox \
-  "$@"
+exec "${launch[@]}" pretrain.py "$@"

@@ -19,7 +19,7 @@ import time
 import torch
 
 from core.cli import run
-from core.config import Config, check_at_least, parse, settings
+from core.config import Config, check_values, parse, settings
 from core.device import pick_device
 from core.errors import FlagError
 
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
 
 def main(argv=None) -> dict:
     cfg, a = parse_args(argv)
-    check_at_least(cfg, {"generate_iterations": 1, "q": 1, "numsplit": 1, "query_budget": 1})
+    check_values(cfg, FLAGS)
     if a.num_per_class < 1 or a.api < 0:
         raise FlagError(f"--num_per_class must be at least 1 and --api at least 0, got {a.num_per_class}, {a.api}")
     if cfg.mu <= 0:
