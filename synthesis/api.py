@@ -32,8 +32,7 @@ from torch import nn
 from core.errors import QueryBudgetExceeded
 from dataset.specs import DatasetSpec
 
-# Images per forward call on the CPU. Measured on the 2-core Xeon (conv4, 32x32, one thread, CPU time):
-# 64-128 images per call ran ~1.8x faster than 256-1024 (smaller activations stay in cache).
+# Images per forward call on the CPU: small calls keep the activations in cache (bench/RESULTS.md).
 CPU_MICRO_BATCH = 128
 
 

@@ -130,8 +130,8 @@ def recover(api, per_class: int, *, steps: int, lr: float = 1e-3, zo: ZOConfig |
     opt = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
 
     def student_logits(x01: torch.Tensor) -> torch.Tensor:
-        # inference_mode: no graph is needed (measured 0.66 -> 0.43 CPU-s per 3,000 conv4 images
-        # against no_grad); the clone makes it an ordinary tensor again.
+        # inference_mode: no graph is needed, and it is cheaper than no_grad (bench/RESULTS.md);
+        # the clone makes it an ordinary tensor again.
         with torch.inference_mode():
             out = student(x01)
         return out.clone()
