@@ -79,8 +79,8 @@ class Config:
     outer_lr: float = _task(0.001, "Adam step of the meta model", above=0)
     approx: bool = _task(False, "first-order MAML")
     episode_batch: int = _task(4, "tasks per meta-batch (one Adam step)")
-    eval_chunk: int = _task(1, "evaluation tasks adapted together as one vmapped computation (1: one at a time, "
-                                "the faster on a CPU; bench/RESULTS.md)")
+    eval_chunk: int = _task(1, "evaluation tasks adapted together as one vmapped computation, memory growing with "
+                                "it (1: one at a time, the faster on a CPU; bench/RESULTS.md)")
     replay_vmap: bool = _task(False, "a meta-batch's replay tasks as one vmapped computation (off: one at a "
                                      "time, the faster on a CPU; bench/RESULTS.md)")
     val_interval: int = _task(2000, "tasks between evaluations")
