@@ -12,9 +12,11 @@ batch-norm statistics (bench/zo_step.random_api), the meta model a conv4 with ba
                   boundary term, outer KL, backward; run with few generator steps, the recovery's
                   per-step time extrapolated to generate_iterations
     replay_batch  one meta-batch of episode_batch replay tasks (methods.replay.replay_task), backward
-                  of each task, one Adam step
+                  of each task, one Adam step; and the same meta-batch vmapped (replay_tasks, one
+                  backward), timed back to back in each repetition
     eval_task     one test task (methods.maml.accuracy_after_adapt): test_inner_update_num steps on
-                  the support set without a graph, query accuracy
+                  the support set without a graph, query accuracy; and chunks of EVAL_CHUNKS tasks
+                  one at a time against one vmapped computation (accuracies_vmapped), back to back
 """
 from __future__ import annotations
 
@@ -178,51 +180,106 @@ def synthetic_task(way: int, shot: int, query: int, size: int, device: torch.dev
                 np.arange(way)).to(device)
 
 
+def _paired(run_a, run_b, device: torch.device, plan: Plan) -> list[dict]:
+    """Time two paths back to back in every repetition (alternating which goes first), so that a
+    change in the machine's load hits both: records {"a": s, "b": s}."""
+    flip = iter(range(10 ** 9))
+
+    def both():
+        out = {}
+        order = (("a", run_a), ("b", run_b)) if next(flip) % 2 == 0 else (("b", run_b), ("a", run_a))
+        for key, fn in order:
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            out[key] = time.perf_counter() - t
+        return out
+    return repeat(both, device, min_reps=plan.min_reps, max_reps=plan.max_reps, budget_s=2 * plan.budget_s)
+
+
+def _peak(fn, device: torch.device) -> dict:
+    with MemoryMeter(device) as mem:
+        fn()
+    return mem.result()
+
+
 def replay_batch(cfg, size: int, device: torch.device, plan: Plan, shot: int) -> dict:
+    """The sequential meta-batch (what main.py runs by default) and the vmapped one (--replay_vmap),
+    timed back to back in each repetition."""
     from methods.maml import meta_params
-    from methods.replay import replay_task
+    from methods.replay import augmented, replay_task, replay_tasks
     model, prep = _meta_model(cfg, cfg.way_train, size, device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.outer_lr)
     tasks = [synthetic_task(cfg.way_train, shot, cfg.num_qur_train, size, device, i)
              for i in range(cfg.episode_batch)]
+    kw = dict(steps=cfg.inner_update_num, lr=cfg.inner_lr, first_order=cfg.approx, prep=prep, way=cfg.way_train)
 
     def batch(n: int = cfg.episode_batch):
         opt.zero_grad(set_to_none=True)
         for t in tasks[:n]:
-            loss, _ = replay_task(model, meta_params(model), t, steps=cfg.inner_update_num, lr=cfg.inner_lr,
-                                  first_order=cfg.approx, prep=prep, way=cfg.way_train,
-                                  augment=cfg.replay_augment)
+            loss, _ = replay_task(model, meta_params(model), t, augment=cfg.replay_augment, **kw)
             loss.backward()
+        opt.step()
+
+    def batch_vmap(n: int = cfg.episode_batch):
+        opt.zero_grad(set_to_none=True)
+        drawn = [augmented(t) if cfg.replay_augment else t for t in tasks[:n]]
+        losses, _ = replay_tasks(model, meta_params(model), drawn, **kw)
+        losses.sum().backward()
         opt.step()
 
     if plan.warmup:
         batch(1)
-    with MemoryMeter(device) as mem:
-        recs = repeat(batch, device, min_reps=plan.min_reps, max_reps=plan.max_reps, budget_s=plan.budget_s)
-    out = _summary(recs, device)
-    out.update(shot=shot, tasks_per_s=round(cfg.episode_batch / out["seconds"], 2),
-               second_order=not cfg.approx, **mem.result())
+        batch_vmap(2)
+    mem, mem_vmap = _peak(batch, device), _peak(batch_vmap, device)
+    recs = _paired(batch, batch_vmap, device, plan)
+    seq, vm = median(recs, "a"), median(recs, "b")
+    out = {"reps": len(recs), "seconds": round(seq, 4), "seconds_all": [round(r["a"], 4) for r in recs],
+           "cpu_seconds": None}
+    out.update(shot=shot, tasks_per_s=round(cfg.episode_batch / seq, 2), second_order=not cfg.approx, **mem,
+               vmap={"seconds": round(vm, 4), "seconds_all": [round(r["b"], 4) for r in recs],
+                     "speedup": round(seq / vm, 3),
+                     "speedups_all": [round(r["a"] / r["b"], 3) for r in recs], **mem_vmap})
     return out
 
 
+EVAL_CHUNKS = (4, 16)       # tasks per vmapped chunk measured against the one-task path
+
+
 def eval_task(cfg, size: int, device: torch.device, plan: Plan, shot: int) -> dict:
-    from methods.maml import accuracy_after_adapt, meta_params
+    """One test task on the one-task path (main.py's default), then, for each chunk size, the same
+    tasks one at a time and as one vmapped chunk (--eval_chunk), back to back in each repetition."""
+    from methods.maml import accuracies_vmapped, accuracy_after_adapt, meta_params
     model, prep = _meta_model(cfg, cfg.way_test, size, device)
     params = meta_params(model)
-    tasks = [synthetic_task(cfg.way_test, shot, cfg.num_qur_test, size, device, i) for i in range(4)]
+    tasks = [synthetic_task(cfg.way_test, shot, cfg.num_qur_test, size, device, i) for i in range(max(EVAL_CHUNKS))]
     i = iter(range(10 ** 9))
+    args = (cfg.test_inner_update_num, cfg.inner_lr, prep, cfg.way_test)
 
     def one():
-        accuracy_after_adapt(model, params, tasks[next(i) % len(tasks)], cfg.test_inner_update_num,
-                             cfg.inner_lr, prep, cfg.way_test)
+        accuracy_after_adapt(model, params, tasks[next(i) % 4], *args)
 
     if plan.warmup:
         one()
+        accuracies_vmapped(model, params, tasks[:2], *args)
     with MemoryMeter(device) as mem:
         recs = repeat(one, device, min_reps=plan.min_reps, max_reps=3 * plan.max_reps, budget_s=plan.budget_s / 2)
     out = _summary(recs, device)
     out.update(shot=shot, tasks_per_s=round(1 / out["seconds"], 2),
                seconds_600_tasks=round(600 * out["seconds"], 1), **mem.result())
+    chunks = {}
+    for c in EVAL_CHUNKS:
+        group = tasks[:c]
+        seq = lambda: [accuracy_after_adapt(model, params, t, *args) for t in group]     # noqa: E731
+        vm = lambda: accuracies_vmapped(model, params, group, *args)                       # noqa: E731
+        m = _peak(vm, device)
+        pr = _paired(seq, vm, device, plan)
+        a, b = median(pr, "a") / c, median(pr, "b") / c
+        chunks[str(c)] = {"reps": len(pr), "seq_seconds_per_task": round(a, 4), "vmap_seconds_per_task": round(b, 4),
+                          "speedup": round(a / b, 3), "speedups_all": [round(r["a"] / r["b"], 3) for r in pr],
+                          "seconds_600_tasks_seq": round(600 * a, 1), "seconds_600_tasks_vmap": round(600 * b, 1), **m}
+    out["vmap_chunks"] = chunks
     return out
 
 

@@ -25,7 +25,7 @@ PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 # settings shape the pool, not the meta-training run).
 RUNTIME_KEYS = ("multigpu", "evaluate", "gpu", "resume", "overwrite", "out_dir", "data_root",
                 "pretrained_path_prefix", "pretrain", "workers", "tensorboard", "api_seed", "epochs",
-                "batch_size", "lr", "api_augment", "api_patience")
+                "batch_size", "lr", "api_augment", "api_patience", "eval_chunk", "replay_vmap")
 
 
 def _opt(group: str):
@@ -79,6 +79,10 @@ class Config:
     outer_lr: float = _task(0.001, "Adam step of the meta model", above=0)
     approx: bool = _task(False, "first-order MAML")
     episode_batch: int = _task(4, "tasks per meta-batch (one Adam step)")
+    eval_chunk: int = _task(1, "evaluation tasks adapted together as one vmapped computation, memory growing with "
+                                "it (1: one at a time, the faster on a CPU; bench/RESULTS.md)")
+    replay_vmap: bool = _task(False, "a meta-batch's replay tasks as one vmapped computation (off: one at a "
+                                     "time, the faster on a CPU; bench/RESULTS.md)")
     val_interval: int = _task(2000, "tasks between evaluations")
     save_interval: int = _task(2000, "tasks between checkpoints")
     # bi-level meta knowledge distillation

@@ -30,7 +30,7 @@ from dataset import MIX_DATASETS, MIX_IMAGE_SIZE, Task, check_episode, fixed_tas
 from dataset.specs import IMAGENET_MEAN, IMAGENET_STD
 from network import build
 from .maml import evaluate, meta_params
-from .replay import replay_task
+from .replay import augmented, replay_task, replay_tasks
 
 
 # ---------------------------------------------------------------- geometry, device, data
@@ -119,7 +119,7 @@ def evaluate_all(model: nn.Module, cfg: Config, splits: list[EvalSplit], prep: M
         tasks = fixed_tasks(s.data, cfg.way_test, cfg.num_sup_test, cfg.num_qur_test, cfg.episode_test,
                             cfg.eval_seed)
         res[(s.split, s.dataset)] = evaluate(model, params, tasks, cfg.test_inner_update_num, cfg.inner_lr,
-                                             prep, cfg.way_test, device)
+                                             prep, cfg.way_test, device, chunk=cfg.eval_chunk)
     if cfg.mh:
         for split in dict.fromkeys(s.split for s in splits):
             accs = [res[(split, d)] for d in MIX_DATASETS]
@@ -327,19 +327,33 @@ class Trainer:
             pick = x.view(way, per, *x.shape[1:])[:, :k].reshape(way * k, *x.shape[1:])
             self.tb.add_image(f"recovered/{name}", make_grid(pick.float().cpu(), nrow=k), task_id)
 
-    def replay(self) -> tuple[torch.Tensor, float]:
-        """One replay task from the memory (or the real images for maml_real); (outer loss, accuracy)."""
+    def draw_replay(self) -> Task:
+        """The next replay task from the memory (or the real images for maml_real), augmented here when
+        --replay_augment: its random draws (numpy, then torch) come at its turn in the meta-batch,
+        whether it runs at once or with the meta-batch's other replay tasks (--replay_vmap)."""
         cfg = self.cfg
         source = self.real if self.real is not None else self.memory
         task = source.sample_task(cfg.way_train, cfg.num_sup_train, cfg.num_qur_train, self.rng).to(self.device)
-        return replay_task(self.model, meta_params(self.model), task, steps=cfg.inner_update_num,
-                           lr=cfg.inner_lr, first_order=cfg.approx, prep=self.prep, way=cfg.way_train,
-                           augment=cfg.replay_augment)
+        return augmented(task) if cfg.replay_augment else task
 
-    def _one_task(self, task_id: int) -> tuple[torch.Tensor, float]:
+    def replay(self) -> tuple[torch.Tensor, float]:
+        """One replay task; (outer loss, accuracy)."""
         cfg = self.cfg
+        return replay_task(self.model, meta_params(self.model), self.draw_replay(), steps=cfg.inner_update_num,
+                           lr=cfg.inner_lr, first_order=cfg.approx, prep=self.prep, way=cfg.way_train)
+
+    def replay_together(self, tasks: list[Task]) -> tuple[torch.Tensor, list[float]]:
+        """Drawn replay tasks as one vmapped computation; ([T] outer losses, accuracies)."""
+        cfg = self.cfg
+        return replay_tasks(self.model, meta_params(self.model), tasks, steps=cfg.inner_update_num,
+                            lr=cfg.inner_lr, first_order=cfg.approx, prep=self.prep, way=cfg.way_train)
+
+    def _one_task(self, task_id: int, defer_replay: bool = False) -> tuple[torch.Tensor, float] | Task:
+        """(outer loss, accuracy) of the task; defer_replay: a replay task is only drawn (returned)."""
+        cfg = self.cfg
+        replay = self.draw_replay if defer_replay else self.replay
         if self.real is not None:
-            return self.replay()
+            return replay()
         can_replay = self.memory.can_sample(cfg.way_train, cfg.num_sup_train, cfg.num_qur_train)
         if (self.state.visit_next or not can_replay) and self._visit_allowed():
             return self.visit_api(task_id)
@@ -347,7 +361,7 @@ class Trainer:
             raise QueryBudgetExceeded(f"the query budget is spent and the task memory cannot yet supply "
                              f"{cfg.way_train}-way tasks of {cfg.num_sup_train}+{cfg.num_qur_train} images per "
                              "class; raise --query_budget or lower --way_train/--num_sup_train/--num_qur_train")
-        return self.replay()
+        return replay()
 
     # -- the trigger
     def _trigger(self, acc: float) -> None:
@@ -436,13 +450,22 @@ class Trainer:
             n = min(cfg.episode_batch - s.task % cfg.episode_batch, cfg.episode_train - s.task)
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
-            accs, loss_sum, t_batch = [], 0.0, time.time()
-            for _ in range(n):
-                loss, acc = self._one_task(s.task + 1)
-                loss.backward()             # grad of the summed outer loss, one task's graph at a time
-                loss_sum += loss.item()
-                accs.append(acc)
+            accs, losses, drawn, t_batch = [0.0] * n, [0.0] * n, {}, time.time()
+            for i in range(n):
+                out = self._one_task(s.task + 1, defer_replay=cfg.replay_vmap)
+                if isinstance(out, Task):   # --replay_vmap: run with the meta-batch's other replay tasks
+                    drawn[i] = out
+                else:
+                    loss, accs[i] = out
+                    loss.backward()         # grad of the summed outer loss, one task's graph at a time
+                    losses[i] = loss.item()
                 s.task += 1
+            if drawn:
+                loss, acc = self.replay_together(list(drawn.values()))
+                loss.sum().backward()
+                for i, l, a in zip(drawn, loss.tolist(), acc):
+                    losses[i], accs[i] = l, a
+            loss_sum = sum(losses)          # in task order, as the tasks ran
             self.optimizer.step()
             s.train_acc = float(np.mean(accs))
             self._trigger(s.train_acc)

@@ -1,15 +1,27 @@
 """Task memory replay: plain MAML on a task drawn from the recovered images.
 
     θ' = θ − α ∇ CE(f_θ(S), y_S)   (inner_update_num steps);   outer loss CE(f_θ'(Q), y_Q)
+
+The tasks of a meta-batch may run one at a time (replay_task) or together as one vmapped
+computation (replay_tasks); Σ_i ∇_θ CE_i is the same to float rounding.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from dataset import Task, random_crop_flip
 
-from .maml import Params, Prep, accuracy, adapt, ce_loss, forward
+from .maml import Params, Prep, accuracy, adapt, ce_loss, forward, outer_losses_vmapped
+
+
+def augmented(task: Task, generator: torch.Generator | None = None) -> Task:
+    """Random crop + flip of a replay task's images: support first, then query (the order of the
+    random draws)."""
+    return Task(random_crop_flip(task.support_x, generator=generator), task.support_y,
+                random_crop_flip(task.query_x, generator=generator), task.query_y, task.classes)
 
 
 def replay_task(model: nn.Module, params: Params, task: Task, *, steps: int, lr: float,
@@ -19,10 +31,15 @@ def replay_task(model: nn.Module, params: Params, task: Task, *, steps: int, lr:
 
     augment: random crop + flip of the replayed images (off by default, as in the original,
     which only normalised them)."""
-    sx, qx = task.support_x, task.query_x
     if augment:
-        sx = random_crop_flip(sx, generator=generator)
-        qx = random_crop_flip(qx, generator=generator)
-    adapted = adapt(model, params, prep(sx), task.support_y, ce_loss, steps, lr, first_order, way=way)
-    logits = forward(model, adapted, prep(qx), way)
+        task = augmented(task, generator)
+    adapted = adapt(model, params, prep(task.support_x), task.support_y, ce_loss, steps, lr, first_order, way=way)
+    logits = forward(model, adapted, prep(task.query_x), way)
     return ce_loss(logits, task.query_y), accuracy(logits.detach(), task.query_y)
+
+
+def replay_tasks(model: nn.Module, params: Params, tasks: Sequence[Task], *, steps: int, lr: float,
+                 first_order: bool, prep: Prep, way: int) -> tuple[torch.Tensor, list[float]]:
+    """([T] outer losses with their graph to θ, query accuracies) of equally shaped replay tasks
+    (already augmented where wanted), as one vmapped computation."""
+    return outer_losses_vmapped(model, params, tasks, steps, lr, first_order, prep, way)
