@@ -132,3 +132,14 @@ def test_load_checkpoint_reads_plain_data_only(tmp_path):
     assert load_checkpoint(str(good))["state"]["task"] == 3
     with pytest.raises(CheckpointError, match="cannot read"):
         load_checkpoint(str(tmp_path / "missing.pth"))
+
+
+def test_recipes_sit_under_presets_and_explicit_flags():
+    from main import parse_args
+    assert parse_args([]).init == "original"                                    # faithful by default
+    improved = parse_args(["--recipe", "improved"])
+    assert {k: getattr(improved, k) for k in config.RECIPES["improved"]} == config.RECIPES["improved"]
+    assert parse_args(["--recipe", "improved", "--init", "original"]).init == "original"   # flags win
+    assert parse_args(["--preset", "demo", "--recipe", "improved"]).dataset == "demo"
+    with pytest.raises(FlagError, match="--recipe"):
+        parse_args(["--recipe", "best"])
