@@ -3,10 +3,19 @@ memory's append-only checkpoint files: same numbers as before, less memory, smal
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
 import pytest
 import torch
 
-from synthesis.memory import TaskMemory
+from conftest import REPO, run_cli
+
+from core.errors import CheckpointError
+from synthesis.memory import TaskMemory, batch_file
 
 DEVICE = torch.device(os.environ.get("BIDF_TEST_DEVICE", "cpu"))
 
@@ -52,8 +61,7 @@ def test_lean_visit_gives_the_same_images_loss_and_meta_gradient(boundary_studen
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (a - b).abs().max()
     if exact:   # on the CPU the rebuilt graph is the very same computation
         assert all(torch.equal(a, b) for a, b in zip(g_full, g_lean))
-    assert mem_full.classes == mem_lean.classes and all(
-        torch.equal(a, b) for c in mem_full.classes for a, b in zip(mem_full._store[c], mem_lean._store[c]))
+    assert mem_full.equals(mem_lean)
 
 
 def test_lean_visit_first_order_and_no_inner_step_are_unchanged():
@@ -101,3 +109,195 @@ def test_student_sees_at_most_one_recovered_set_per_forward():
     x = torch.rand(40, 3, 4, 4)
     assert torch.equal(student(x), x.sum((1, 2, 3))[:, None])
     assert seen == [15, 15, 10]
+
+
+# ------------------------------------------------------------------ the task memory on disk
+
+
+def _visit_images(mem: TaskMemory, rng: np.random.Generator, classes, per_class: int) -> None:
+    """What one visit adds: a support and a query set of `per_class` images for each of 5 classes."""
+    for _ in range(2):
+        labels = np.repeat(classes, per_class)
+        mem.add(torch.from_numpy(rng.random((len(labels), 3, 32, 32), dtype=np.float32)), torch.from_numpy(labels))
+
+
+def _mh_memory(visits: int, max_batch: int = 6, seed: int = 0) -> tuple[TaskMemory, np.random.Generator]:
+    """An API-MH-shaped memory (84x84, classes of the three datasets' 228-class space), small."""
+    rng = np.random.default_rng(seed)
+    mem = TaskMemory(max_batch, image_size=84)
+    for _ in range(visits):
+        _visit_images(mem, rng, rng.choice(228, size=5, replace=False), 6)
+    return mem, rng
+
+
+def _files(folder: str) -> set[str]:
+    return set(os.listdir(folder)) if os.path.isdir(folder) else set()
+
+
+def test_memory_files_round_trip_and_a_save_writes_only_the_new_visit(tmp_path):
+    folder = str(tmp_path / "memory")
+    mem, rng = _mh_memory(40)
+    index = mem.save(folder, preview=0)
+    TaskMemory.prune(folder, index)
+    assert mem.bytes_written > mem.nbytes()                 # the first save writes everything
+    again = TaskMemory(6, image_size=84)
+    again.load(index, folder)
+    assert again.equals(mem) and len(again) == len(mem)
+    a, b = (m.sample_task(5, 2, 3, np.random.default_rng(1)) for m in (mem, again))
+    assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x)
+
+    _visit_images(mem, rng, [3, 70, 130, 200, 227], 6)       # one more visit, then a save
+    visit_bytes = 2 * 5 * 6 * 3 * 84 * 84
+    index = mem.save(folder, preview=0)
+    assert mem.bytes_written < 1.2 * visit_bytes + 8192      # that visit (and file headers), nothing else
+    assert mem.bytes_written < 0.05 * mem.nbytes()
+    assert mem.save(folder, preview=0) == index and mem.bytes_written == 0      # nothing new: nothing written
+    size = os.path.getsize
+    torch.save(index, str(tmp_path / "index.pth"))
+    assert size(str(tmp_path / "index.pth")) < 0.01 * mem.nbytes()              # the index is small
+    TaskMemory.prune(folder, index)
+    again = TaskMemory(6, image_size=84)
+    again.load(index, folder)
+    assert again.equals(mem)
+
+
+def test_memory_files_of_evicted_batches_are_pruned_after_the_commit(tmp_path):
+    folder = str(tmp_path / "memory")
+    mem = TaskMemory(2, image_size=32)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        _visit_images(mem, rng, [0, 1, 2, 3, 4], 2)
+        index = mem.save(folder)
+        assert len(_files(folder)) >= 2
+        TaskMemory.prune(folder, index)
+        assert _files(folder) == {batch_file(b) for ids in index["batches"].values() for b in ids}
+    assert len(_files(folder)) == 2                          # the ring buffer holds the last 2 sets per class
+    assert set(index["store"]) == set(mem.classes)           # the preview for readers of last.pth
+    assert torch.equal(index["store"][0][0], torch.cat(mem.batches(0))[:8])
+
+
+def test_memory_after_a_kill_between_its_files_and_the_checkpoint(tmp_path):
+    """Files written after the last committed index are ignored, then overwritten."""
+    folder = str(tmp_path / "memory")
+    mem, rng = _mh_memory(10)
+    committed = mem.save(folder, preview=0)
+    TaskMemory.prune(folder, committed)
+    snapshot = TaskMemory(6, 84)
+    snapshot.load(committed, folder)
+    _visit_images(mem, rng, [1, 2, 3, 4, 5], 6)
+    mem.save(folder, preview=0)                              # files of the visit written; killed before last.pth
+    new_ids = set(_files(folder)) - {batch_file(b) for ids in committed["batches"].values() for b in ids}
+    assert new_ids
+    with open(os.path.join(folder, sorted(new_ids)[0]) + ".tmp123", "wb") as f:
+        f.write(b"torn")                                     # and a torn temporary of the next file
+
+    resumed = TaskMemory(6, 84)
+    resumed.load(committed, folder)
+    assert resumed.equals(snapshot)
+    _visit_images(resumed, np.random.default_rng(99), [1, 2, 3, 4, 5], 6)   # the repeated visit differs
+    index = resumed.save(folder, preview=0)
+    TaskMemory.prune(folder, index)
+    check = TaskMemory(6, 84)
+    check.load(index, folder)
+    assert check.equals(resumed) and not check.equals(mem)
+    assert not any(".tmp" in n for n in _files(folder))
+
+
+def test_memory_checkpoint_of_earlier_versions_still_loads(tmp_path):
+    mem, _ = _mh_memory(5)
+    old = mem.state_dict()                                    # images inside the checkpoint
+    again = TaskMemory(6, 84)
+    again.load_state_dict(old, folder=str(tmp_path / "memory"))
+    assert again.equals(mem)
+    index = again.save(str(tmp_path / "memory"), preview=0)  # the first save writes every batch
+    assert again.bytes_written > mem.nbytes()
+    check = TaskMemory(6, 84)
+    check.load_state_dict(index, folder=str(tmp_path / "memory"))
+    assert check.equals(mem)
+
+
+def test_missing_memory_file_is_one_clear_line(tmp_path):
+    folder = str(tmp_path / "memory")
+    mem, _ = _mh_memory(2)
+    index = mem.save(folder, preview=0)
+    os.remove(os.path.join(folder, batch_file(0)))
+    with pytest.raises(CheckpointError, match="missing") as e:
+        TaskMemory(6, 84).load(index, folder)
+    assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------ main.py: kill -9 and resume
+
+
+def _run_memory(out: str) -> TaskMemory:
+    ck = torch.load(os.path.join(out, "last.pth"), weights_only=True)
+    mem = TaskMemory(ck["memory"]["max_batch_per_class"], ck["memory"]["image_size"])
+    mem.load_state_dict(ck["memory"], folder=os.path.join(out, "memory"))
+    return mem
+
+
+@pytest.fixture(scope="module")
+def reference_run(demo_root, demo_pool, tmp_path_factory):
+    from test_meta import _flags
+    out = str(tmp_path_factory.mktemp("lean") / "ref")
+    flags = _flags(demo_root, demo_pool, out, "--episode_train", "16", "--val_interval", "8", "--save_interval", "4")
+    run_cli(["main.py", *flags])
+    return out, flags
+
+
+def _kill_after_first_save(flags, out):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.Popen([sys.executable, "main.py", *flags], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = os.path.join(out, "last.pth")
+    deadline = time.time() + 240
+    while not os.path.exists(last) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(out, "summary.json")), "the run ended before it could be killed"
+
+
+@pytest.mark.parametrize("case", ["orphan_files", "checkpoint_of_earlier_versions"])
+def test_killed_run_resumes_with_the_same_memory(reference_run, tmp_path, case):
+    ref_out, ref_flags = reference_run
+    out = str(tmp_path / "killed")
+    i = ref_flags.index("--out_dir") + 1
+    flags = [*ref_flags[:i], out, *ref_flags[i + 1:]]
+    _kill_after_first_save(flags, out)
+    ck = torch.load(os.path.join(out, "last.pth"), weights_only=True)
+    at_kill = _run_memory(out)
+    assert "batches" in ck["memory"] and len(at_kill) > 0
+    folder = os.path.join(out, "memory")
+    if case == "orphan_files":      # as if killed after writing the next save's files, before its last.pth
+        with open(os.path.join(folder, batch_file(ck["memory"]["next_id"])), "wb") as f:
+            f.write(b"not this run's file")
+    else:                           # last.pth as the code before the memory files wrote it
+        ck["memory"] = at_kill.state_dict()
+        torch.save(ck, os.path.join(out, "last.pth"))
+        for name in os.listdir(folder):
+            os.remove(os.path.join(folder, name))
+        os.rmdir(folder)
+    run_cli(["main.py", *flags, "--resume"])
+    assert _run_memory(out).equals(_run_memory(ref_out))
+    ref = torch.load(os.path.join(ref_out, "last.pth"), weights_only=True)
+    ours = torch.load(os.path.join(out, "last.pth"), weights_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(ours["model"].values(), ref["model"].values()))
+    named = {batch_file(b) for ids in ours["memory"]["batches"].values() for b in ids}
+    assert _files(folder) == named                                        # the orphan is gone
+    if case == "orphan_files":      # the same batches under the same names
+        assert ours["memory"]["batches"] == ref["memory"]["batches"]
+        assert _files(folder) == _files(os.path.join(ref_out, "memory"))
+
+
+def test_last_pth_keeps_what_reporting_reads(reference_run, tmp_path):
+    """python -m reporting draws recovered images from last.pth: the first images of each class."""
+    from reporting.figures import recovered_vs_real
+    out, _ = reference_run
+    ck = torch.load(os.path.join(out, "last.pth"), weights_only=True)
+    mem = _run_memory(out)
+    assert set(ck["memory"]["store"]) == set(mem.classes)
+    for c in mem.classes:
+        assert torch.equal(torch.cat(list(ck["memory"]["store"][c]))[:6], torch.cat(mem.batches(c))[:6])
+    assert recovered_vs_real(out, str(tmp_path / "recovered.png"))
+    assert os.path.getsize(tmp_path / "recovered.png") > 1000
