@@ -10,14 +10,14 @@
 The task memory receives S and Q un-augmented.
 
 Memory: with second-order MAML the inner loop's graph (inner_update_num_kd steps, each a forward
-and a differentiable backward on S~) is the largest object of a visit. `lean_adapt` keeps none of it:
-it runs the steps without a graph, keeps only θ_0 .. θ_{K-1}, and the outer backward rebuilds one step
-at a time (reverse mode through the inner loop):
+and a differentiable backward on S~) is the largest object of a visit. `lean_adapt` keeps none of it
+alive: it runs the steps one at a time, dropping each step's graph and keeping only θ_0 .. θ_{K-1},
+and the outer backward rebuilds one step at a time (reverse mode through the inner loop):
 
-    v_K = ∂L_out/∂θ',   v_k = vjp of θ_{k+1} = θ_k − α ∇L_in(θ_k) at θ_k applied to v_{k+1},   ∂L_out/∂θ = v_0
+    v_K = ∂L_out/∂θ',   v_k = v_{k+1} − α H_k v_{k+1}  (H_k = ∇²_θ L_in(θ_k)),   ∂L_out/∂θ = v_0
 
-Each rebuilt step is the very computation the full graph holds, so the meta-gradient is the same
-(tested to float equality); the peak is one step's graph instead of K, and the query set is
+Each rebuilt step is the very computation the full graph holds, so θ' and the meta-gradient are the
+same (bit for bit on the CPU, tested); the peak is one step's graph instead of K, and the query set is
 recovered while no graph is alive.
 """
 from __future__ import annotations

@@ -197,7 +197,7 @@ class TaskMemory:
             n += out[-1].shape[0]
             if n >= k:
                 break
-        return torch.cat(out).clone()
+        return torch.cat(out)
 
     @staticmethod
     def prune(folder: str, index: dict) -> int:
