@@ -79,7 +79,8 @@ def test_lean_inner_loop_matches_finite_differences():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4)).double()
     xs, xq = torch.randn(7, 3, dtype=torch.double), torch.randn(6, 3, dtype=torch.double)
-    ps, pq = torch.softmax(torch.randn(7, 4, dtype=torch.double), 1), torch.softmax(torch.randn(6, 4, dtype=torch.double), 1)
+    ps = torch.softmax(torch.randn(7, 4, dtype=torch.double), 1)
+    pq = torch.softmax(torch.randn(6, 4, dtype=torch.double), 1)
     params = meta_params(model)
     out = kl_loss(forward(model, lean_adapt(model, params, xs, ps, 3, 0.5, 4), xq), pq)
     grad = torch.cat([g.flatten() for g in torch.autograd.grad(out, list(params.values()))])
@@ -301,3 +302,44 @@ def test_last_pth_keeps_what_reporting_reads(reference_run, tmp_path):
         assert torch.equal(torch.cat(list(ck["memory"]["store"][c]))[:6], torch.cat(mem.batches(c))[:6])
     assert recovered_vs_real(out, str(tmp_path / "recovered.png"))
     assert os.path.getsize(tmp_path / "recovered.png") > 1000
+
+
+# ------------------------------------------------------------------ bench: the cost estimate and the GPU check
+
+
+def test_visit_count_assumptions():
+    from bench.estimate import count_evaluations, count_saves, count_visits
+    from main import parse_args
+    demo = parse_args(["--preset", "demo"])
+    assert count_visits(demo, "bound")[0] == 20            # 100 meta-batches, at most one visit per 5
+    assert count_visits(demo, "demo")[0] == 9               # what the demo run showed
+    assert count_visits(demo, "7") == (7, "given (--visits)")
+    capped, why = count_visits(parse_args(["--preset", "demo", "--query_budget", "300000"]), "bound")
+    assert capped == 3 and "--query_budget" in why        # 84,100 queries a visit
+    paper = parse_args(["--preset", "paper_ss"])
+    assert count_visits(paper, "bound")[0] == 1 + (60000 - 1) // 201
+    assert count_evaluations(demo) == 4 and count_saves(paper) == 120
+
+
+def test_estimate_prints_a_projection_and_json_last():
+    proc = run_cli(["-m", "bench", "--estimate", "--quick", "--", "--preset", "demo", "--generate_iterations", "3",
+                    "--q", "2", "--num_sup_kd", "2", "--num_qur_kd", "2", "--episode_test", "10"])
+    import json
+    lines = proc.stdout.strip().splitlines()
+    doc = json.loads(lines[-1])
+    assert {"wall_hours", "peak_mem_gb", "disk_gb", "api_visits"} <= set(doc)
+    assert doc["wall_hours"] > 0 and doc["peak_mem_gb"] > 0 and doc["disk_gb"] > 0 and doc["api_visits"] == 20
+    assert set(doc["hours_by_stage"]) == {"API visits", "replay", "evaluation", "checkpoints"}
+    text = proc.stdout
+    assert "measured" in text and "extrapolated" in text and "bound" in text
+
+
+def test_gpu_check_dry_run_lists_and_parses_its_commands(tmp_path):
+    env = dict(os.environ, GPU_CHECK_OUT=str(tmp_path / "gpu"))
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    steps = [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("[gpu_check] ") and ">" in line]
+    assert steps == ["[gpu_check] tests", "[gpu_check] bench", "[gpu_check] visit", "[gpu_check] estimate"]
+    assert "BIDF_TEST_DEVICE=cuda bash tests/run.sh" in proc.stdout and "--kd_steps 200" in proc.stdout
+    assert not os.path.exists(tmp_path / "gpu")             # a dry run writes nothing
