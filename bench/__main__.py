@@ -2,11 +2,12 @@
 
     python -m bench                              # all four, demo and paper scale, 32x32 and 84x84 (~5 min on 2 CPU cores)
     python -m bench --quick                      # one repetition, 32x32 only, no paper-scale visit on a CPU (< 1 min)
-    python -m bench --heavy                      # also the paper-scale 84x84 API visit on a CPU (+6 min, ~16 GB)
+    python -m bench --heavy                      # also the paper-scale 84x84 API visit on a CPU (+4 min, ~3 GB)
     python -m bench --device cuda --out bench/out/gpu.json
     python -m bench --only zo_step,kd_task --sizes 84
     python -m bench --markdown                   # measure, then print the tables of bench/RESULTS.md
     python -m bench --markdown --from bench/out/results.json     # tables of an earlier run, no measuring
+    python -m bench --estimate -- --preset paper_ss              # projected cost of a whole main.py run
 
 Measurements (bench/suite.py): zo_step (one zero-order generator step), kd_task (one API visit:
 bi-level KD, recovery extrapolated from a few generator steps), replay_batch (one meta-batch of
@@ -50,13 +51,30 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="generator steps per recovery in a measured API visit (default 2; --quick: 1)")
     p.add_argument("--heavy", action="store_true",
                    help="on the CPU, also run the paper-scale API visit above 32x32 (and with --quick at 32x32); "
-                        "skipped otherwise: one 84x84 visit took ~6 min and ~16 GB of RAM on the 2-core machine")
+                        "skipped otherwise: one 84x84 visit with one generator step per recovery takes minutes on a "
+                        "small CPU (bench/RESULTS.md)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default=os.path.join("bench", "out", "results.json"), help="JSON file to write")
+    p.add_argument("--out", default=parser_default_out(), help="JSON file to write (with --estimate: only if given)")
     p.add_argument("--markdown", action="store_true", help="print markdown tables instead of the JSON")
     p.add_argument("--from", dest="from_file", default=None, metavar="JSON",
                    help="with --markdown: render an earlier results file, measure nothing")
+    p.add_argument("--estimate", action="store_true",
+                   help="project the wall time, peak memory and disk of the main.py run whose flags follow `--` "
+                        "(bench/estimate.py); the last line printed is JSON")
+    p.add_argument("--visits", default="bound",
+                   help="with --estimate: API visits assumed: bound (the most the trigger allows), demo (the "
+                        "demo's observed rate) or a number")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, flags = argv[:i], argv[i + 1:]
     a = p.parse_args(argv)
+    a.main_flags = flags
+    if flags and not a.estimate:
+        p.error("flags after `--` are main.py's and go with --estimate")
+    if a.visits not in ("bound", "demo") and not a.visits.isdigit():
+        p.error(f"--visits takes bound, demo or a number, got {a.visits!r}")
     a.only = [ALIASES.get(n.strip(), n.strip()) for n in a.only.split(",") if n.strip()]
     bad = [n for n in a.only if n not in NAMES]
     if bad:
@@ -75,6 +93,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.from_file and not a.markdown:
         p.error("--from only goes with --markdown")
     return a
+
+
+def parser_default_out() -> str:
+    return os.path.join("bench", "out", "results.json")
 
 
 def write_json(doc: dict, path: str) -> None:
@@ -144,7 +166,7 @@ def measure(a: argparse.Namespace) -> dict:
                     if heavy(name, scale, size, device, a.quick) and not a.heavy:
                         cell = {**head, "skipped": ("paper-scale API visit with --quick on the CPU" if size <= 32
                                                     else "paper-scale API visit above 32x32 on the CPU: minutes "
-                                                         "and ~16 GB of RAM at 84x84") + "; --heavy runs it"}
+                                                         "and ~3 GB of RAM at 84x84") + "; --heavy runs it"}
                         print(f"[bench] {what}: skipped (--heavy runs it)", file=sys.stderr)
                     elif key in done:
                         cell = {**done[key], **head, "same_as": done[key]["scale"]}
@@ -174,6 +196,17 @@ def measure(a: argparse.Namespace) -> dict:
 
 def main(argv=None) -> None:
     a = parse_args(argv)
+    if a.estimate:
+        import torch
+
+        from bench.estimate import estimate, render
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        doc = estimate(a.main_flags, device_of(a.device), visits=a.visits, quick=a.quick)
+        if a.out != parser_default_out():
+            write_json(doc, a.out)
+        print(render(doc))
+        return
     if a.from_file:
         try:
             with open(a.from_file) as f:

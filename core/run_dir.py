@@ -2,7 +2,11 @@
 
     <out_dir>/config.json   the flags of the run
     <out_dir>/metrics.jsonl one line per evaluated split
-    <out_dir>/last.pth      resumable checkpoint (every save_interval tasks and at the end)
+    <out_dir>/last.pth      resumable checkpoint (every save_interval tasks and at the end); it holds the
+                            index of the task memory, whose images are in memory/
+    <out_dir>/memory/       the task memory's images: one append-only file per recovered set
+                            (batch_<id>.pt, written at the first save after the visit; files the
+                            committed last.pth no longer names are deleted after each save)
     <out_dir>/best.pth      meta model with the best meta-val accuracy
     <out_dir>/summary.json  final figures (its presence marks a finished run)
     <out_dir>/tb/           TensorBoard logs
@@ -17,7 +21,8 @@ from .config import Config, config_diff
 from .errors import RunDirError
 from .io import atomic_json, atomic_text, read_json
 
-OUTPUTS = ("config.json", "metrics.jsonl", "last.pth", "best.pth", "summary.json", "tb")
+MEMORY_DIR = "memory"
+OUTPUTS = ("config.json", "metrics.jsonl", "last.pth", "best.pth", "summary.json", "tb", MEMORY_DIR)
 
 
 def prepare(cfg: Config, out_dir: str) -> str | None:

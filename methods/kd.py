@@ -8,6 +8,17 @@
     outer loss     = KL(API(Q~) || f_θ'(Q~))          (differentiable w.r.t. θ)
 
 The task memory receives S and Q un-augmented.
+
+Memory: with second-order MAML the inner loop's graph (inner_update_num_kd steps, each a forward
+and a differentiable backward on S~) is the largest object of a visit. `lean_adapt` keeps none of it
+alive: it runs the steps one at a time, dropping each step's graph and keeping only θ_0 .. θ_{K-1},
+and the outer backward rebuilds one step at a time (reverse mode through the inner loop):
+
+    v_K = ∂L_out/∂θ',   v_k = v_{k+1} − α H_k v_{k+1}  (H_k = ∇²_θ L_in(θ_k)),   ∂L_out/∂θ = v_0
+
+Each rebuilt step is the very computation the full graph holds, so θ' and the meta-gradient are the
+same (bit for bit on the CPU, tested); the peak is one step's graph instead of K, and the query set is
+recovered while no graph is alive.
 """
 from __future__ import annotations
 
@@ -21,6 +32,71 @@ from dataset import normalize, random_crop_flip
 from synthesis.recover import BOUNDARY_STUDENT, INVERSION_AUGMENT, ZO_SPACE, ZOConfig, check_choice, recover
 
 from .maml import Params, Prep, accuracy, adapt, forward, kl_loss
+
+
+class _InnerLoop:
+    """The inner loop of one visit, θ_{k+1} = θ_k − α ∇_θ KL(p ‖ f_{θ_k}(x)), as a function of θ_k."""
+
+    def __init__(self, model: nn.Module, names: list[str], x: torch.Tensor, target: torch.Tensor,
+                 steps: int, lr: float, way: int):
+        self.model, self.names, self.x, self.target = model, names, x, target
+        self.steps, self.lr, self.way = steps, lr, way
+
+    def step(self, theta: list[torch.Tensor], create_graph: bool):
+        """(θ_k as fresh leaves, θ_{k+1}); the same operations, in the same order, as maml.adapt."""
+        leaves = [t.detach().requires_grad_(True) for t in theta]
+        with torch.enable_grad():
+            params = dict(zip(self.names, leaves))
+            loss = kl_loss(forward(self.model, params, self.x, self.way), self.target)
+            grads = torch.autograd.grad(loss, leaves, create_graph=create_graph)
+            nxt = [p - self.lr * g for p, g in zip(leaves, grads)]
+        return leaves, nxt
+
+
+class _LeanInnerLoop(torch.autograd.Function):
+    """θ' = inner_loop(θ) without a kept graph; backward rebuilds the graph one step at a time."""
+
+    @staticmethod
+    def forward(ctx, loop: _InnerLoop, *theta):
+        snaps, cur = [], [t.detach() for t in theta]
+        for _ in range(loop.steps):
+            snaps.append(cur)
+            # create_graph as in the full path: θ' must be bit-identical to it (the query set depends on it)
+            _, nxt = loop.step(cur, create_graph=True)
+            cur = [t.detach() for t in nxt]
+        ctx.loop, ctx.snaps = loop, snaps
+        return tuple(cur)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *v):
+        v = list(v)
+        for theta in reversed(ctx.snaps):
+            leaves, nxt = ctx.loop.step(theta, create_graph=True)
+            with torch.enable_grad():
+                v = list(torch.autograd.grad(nxt, leaves, grad_outputs=v))
+        ctx.snaps = None
+        return (None, *v)
+
+
+def lean_adapt(model: nn.Module, params: Params, x: torch.Tensor, target: torch.Tensor, steps: int,
+               lr: float, way: int) -> Params:
+    """maml.adapt with kl_loss, second order, differentiable, in one inner step's memory (module docstring)."""
+    if steps == 0:
+        return dict(params)
+    names = list(params)
+    out = _LeanInnerLoop.apply(_InnerLoop(model, names, x, target, steps, lr, way), *[params[k] for k in names])
+    return dict(zip(names, out))
+
+
+def bounded_student(fn, chunk: int):
+    """The boundary term's student run on at most `chunk` images per forward. `chunk` is one recovered
+    set: its batch-norm uses batch statistics, so smaller pieces would change its outputs."""
+    def student(x01: torch.Tensor) -> torch.Tensor:
+        if x01.shape[0] <= chunk:
+            return fn(x01)
+        return torch.cat([fn(c) for c in x01.split(chunk)])
+    return student
 
 
 @dataclass
@@ -67,8 +143,11 @@ def augment_set(x01: torch.Tensor, on: bool, generator: torch.Generator | None) 
 
 
 def kd_task(model: nn.Module, params: Params, api, s: KDSettings, prep: Prep, *,
-            boundary: bool, memory=None, generator: torch.Generator | None = None) -> KDOutcome:
-    """Run one bi-level KD task against `api`; push both recovered sets into `memory`."""
+            boundary: bool, memory=None, generator: torch.Generator | None = None, lean: bool = True) -> KDOutcome:
+    """Run one bi-level KD task against `api`; push both recovered sets into `memory`.
+
+    lean (second order only): the inner loop through `lean_adapt`, no graph alive during the query
+    recovery; False keeps maml.adapt's full graph (the reference the tests compare with)."""
     way = len(api.classes)
     classes = torch.as_tensor(api.classes, dtype=torch.long)
 
@@ -77,13 +156,17 @@ def kd_task(model: nn.Module, params: Params, api, s: KDSettings, prep: Prep, *,
                      generator=generator, **opts)
     sxa = augment_set(sx, s.kd_augment, generator)
     sp = api_probs(api, sxa)
-    adapted = adapt(model, params, prep(sxa), sp, kl_loss, s.inner_update_num_kd, s.inner_lr,
-                    s.approx, way=way)
+    if lean and not s.approx:
+        adapted = lean_adapt(model, params, prep(sxa), sp, s.inner_update_num_kd, s.inner_lr, way)
+    else:
+        adapted = adapt(model, params, prep(sxa), sp, kl_loss, s.inner_update_num_kd, s.inner_lr,
+                        s.approx, way=way)
 
     student, adv = None, 0.0
     if boundary and s.adv > 0:
         fixed = {k: v.detach() for k, v in adapted.items()}
-        student = lambda x01: forward(model, fixed, prep(x01), way)   # noqa: E731 (f_θ', fixed)
+        student = bounded_student(lambda x01: forward(model, fixed, prep(x01), way),   # f_θ', fixed
+                                  way * s.num_qur_kd)
         adv = s.adv
     qx, qy = recover(api, s.num_qur_kd, steps=s.generate_iterations, lr=s.Glr, zo=s.zo,
                      student=student, adv=adv, generator=generator, boundary_student=s.boundary_student, **opts)

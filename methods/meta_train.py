@@ -246,7 +246,12 @@ class Trainer:
         return self.pool.queries if self.pool is not None else 0
 
     # -- checkpoints
+    def _memory_dir(self) -> str:
+        return os.path.join(self.out_dir, run_dir.MEMORY_DIR)
+
     def _checkpoint(self) -> dict:
+        """The resumable state. The task memory's new batches are written to <out_dir>/memory/ here
+        (append-only files); the checkpoint holds their index."""
         self.state.wall_seconds = self.wall0 + time.time() - self.t0
         st = asdict(self.state)
         st["api_queries"] = self.queries()
@@ -256,8 +261,13 @@ class Trainer:
         if torch.cuda.is_available():
             ck["cuda_rng"] = torch.cuda.get_rng_state_all()
         if self.memory is not None:
-            ck["memory"] = self.memory.state_dict()
+            from synthesis.memory import PREVIEW
+            # MH: no preview, python -m reporting draws no recovered-vs-real figure there
+            ck["memory"] = self.memory.save(self._memory_dir(), preview=0 if self.cfg.mh else PREVIEW)
             ck["pool"] = self.pool.state_dict()
+            # Opening an API draws its initial weights from the global RNG: the resumed run must hold the
+            # same APIs ready (same LRU order) to draw the same numbers afterwards.
+            ck["pool_ready"] = [list(k) for k in getattr(self.pool, "_cache", {})]
         return ck
 
     def _load(self, path: str) -> None:
@@ -270,15 +280,27 @@ class Trainer:
         if "cuda_rng" in ck and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ck["cuda_rng"])
         if self.memory is not None:
-            self.memory.load_state_dict(ck["memory"])
+            # an index refers to <checkpoint's folder>/memory/; a checkpoint of earlier versions holds the images
+            self.memory.load_state_dict(ck["memory"], folder=os.path.join(os.path.dirname(path), run_dir.MEMORY_DIR))
             self.pool.load_state_dict(ck["pool"])
+            self._reopen(ck.get("pool_ready", []))
         self.state = LoopState(**ck["state"])
         print(f"resuming {self.out_dir} after task {self.state.task} "
               f"({self.state.api_visits} API visits, {self.state.api_queries} queries so far)")
 
+    def _reopen(self, keys: list) -> None:
+        """Open the APIs the checkpointed run held ready, oldest first, without touching the restored RNG."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            for dataset, arch, index in keys:
+                self.pool.get(dataset, arch, int(index))
+
     def save_last(self) -> None:
         self.saved_task = self.state.task
-        atomic_torch_save(self._checkpoint(), os.path.join(self.out_dir, "last.pth"))
+        ck = self._checkpoint()
+        atomic_torch_save(ck, os.path.join(self.out_dir, "last.pth"))
+        if self.memory is not None:     # only now may files the committed index does not name go
+            self.memory.prune(self._memory_dir(), ck["memory"])
 
     def save_best(self) -> None:
         atomic_torch_save({"config": self.cfg.to_dict(), "model": self.model.state_dict(),

@@ -5,17 +5,50 @@ buffer of at most `max_batch_per_class` batches; the oldest batch is dropped fir
 drawn across *all* stored classes, so classes of different APIs meet in one task. Images are kept
 as 8-bit pixels at the meta model's input size (the original wrote PNGs: same quantisation, a
 quarter of float32's memory); API-MH images are resized on the way in.
+
+On disk (a run's checkpoint) the memory is a folder of append-only batch files plus an index:
+
+    <folder>/batch_<id>.pt   one `add` (one recovered set): {"id", "images": {class: uint8 [n, C, S, S]}},
+                             written once, at the first save after the add, never rewritten
+    index (in last.pth)      {"batches": {class: [id, ...]} oldest first, "next_id", ...}
+
+`save` writes only the batches added since the previous save and returns the index; once the
+checkpoint holding the index is committed, `prune` deletes the files it no longer refers to. A
+file written after the last committed index (a kill between the two) is never read: its id is
+handed out again after resume and the file overwritten.
 """
 from __future__ import annotations
 
+import os
 from collections import deque
 
 import numpy as np
 import torch
 
 from core.errors import CheckpointError, FlagError
+from core.io import atomic_torch_save, load_checkpoint
 from dataset.augment import resize
 from dataset.sampler import Task
+
+
+PREVIEW = 8     # images per class kept inside the index for readers of last.pth (python -m reporting)
+
+
+def batch_file(bid: int) -> str:
+    return f"batch_{bid:08d}.pt"
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class TaskMemory:
@@ -24,7 +57,10 @@ class TaskMemory:
             raise FlagError(f"--max_batch_per_class must be at least 1, got {max_batch_per_class}")
         self.max_batch_per_class = int(max_batch_per_class)
         self.image_size = int(image_size)
-        self._store: dict[int, deque] = {}
+        self._store: dict[int, deque] = {}     # class -> deque of (batch id, uint8 images)
+        self._next_id = 0
+        self._on_disk: set[int] = set()        # batch ids with a file as of the last save or load
+        self.bytes_written = 0                 # by the last save
 
     # -- filling
     def add(self, images: torch.Tensor, labels) -> None:
@@ -35,12 +71,13 @@ class TaskMemory:
         x = resize(images.detach().float(), self.image_size).cpu()
         pixels = x.clamp(0, 1).mul(255).round().to(torch.uint8)
         if self._store:
-            c_have = next(iter(self._store.values()))[0].shape[1]
+            c_have = next(iter(self._store.values()))[0][1].shape[1]
             if pixels.shape[1] != c_have:
                 raise ValueError(f"TaskMemory.add: {pixels.shape[1]}-channel images, memory holds {c_have}-channel")
+        bid, self._next_id = self._next_id, self._next_id + 1
         for c in labels.unique().tolist():
             buf = self._store.setdefault(int(c), deque(maxlen=self.max_batch_per_class))
-            buf.append(pixels[labels == c].contiguous())
+            buf.append((bid, pixels[labels == c].contiguous()))
 
     # -- what is in it
     @property
@@ -49,7 +86,7 @@ class TaskMemory:
 
     def count(self, c: int) -> int:
         """Images held for absolute class c."""
-        return sum(b.shape[0] for b in self._store.get(int(c), ()))
+        return sum(b.shape[0] for _, b in self._store.get(int(c), ()))
 
     def __len__(self) -> int:
         return sum(self.count(c) for c in self._store)
@@ -73,7 +110,7 @@ class TaskMemory:
         classes = rng.choice(pool, size=way, replace=False)
         sup, qur = [], []
         for c in classes:
-            batches = self._store[int(c)]
+            batches = [b for _, b in self._store[int(c)]]
             sizes = np.array([b.shape[0] for b in batches])
             starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
             pick = rng.choice(int(sizes.sum()), size=shot + query, replace=False)
@@ -91,16 +128,114 @@ class TaskMemory:
         return Task(to01(sup), rel.repeat_interleave(shot), to01(qur), rel.repeat_interleave(query),
                     np.asarray(classes, dtype=np.int64))
 
-    # -- resume
+    def batches(self, c: int) -> list[torch.Tensor]:
+        """The uint8 batches held for class c, oldest first."""
+        return [b for _, b in self._store.get(int(c), ())]
+
+    def equals(self, other: "TaskMemory") -> bool:
+        """Same classes, same batches in the same order, same pixels."""
+        if self.classes != other.classes:
+            return False
+        return all(len(self.batches(c)) == len(other.batches(c)) and
+                   all(torch.equal(a, b) for a, b in zip(self.batches(c), other.batches(c))) for c in self.classes)
+
+    def nbytes(self) -> int:
+        """Bytes of pixels held."""
+        return sum(b.numel() for buf in self._store.values() for _, b in buf)
+
+    # -- resume: everything in one dict (small memories, tests)
     def state_dict(self) -> dict:
         return {"max_batch_per_class": self.max_batch_per_class, "image_size": self.image_size,
-                "store": {c: list(b) for c, b in self._store.items()}}
+                "store": {c: [b for _, b in buf] for c, buf in self._store.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def _check_size(self, state: dict) -> None:
         if int(state["image_size"]) != self.image_size:
             raise CheckpointError(f"the checkpoint's task memory holds {state['image_size']}px images, this run "
                              f"uses {self.image_size}px; resume with the same --dataset/--backbone flags")
-        self._store = {int(c): deque(bs, maxlen=self.max_batch_per_class) for c, bs in state["store"].items()}
+
+    def load_state_dict(self, state: dict, folder: str | None = None) -> None:
+        """A state_dict() or, with the folder of its batch files, an index from save()."""
+        if "batches" in state:
+            self.load(state, folder)
+            return
+        self._check_size(state)
+        self._store, self._next_id, self._on_disk = {}, 0, set()
+        for c, bs in state["store"].items():    # every batch gets an id; none has a file yet
+            self._store[int(c)] = deque(((self._next_id + i, b) for i, b in enumerate(bs)),
+                                        maxlen=self.max_batch_per_class)
+            self._next_id += len(bs)
+
+    # -- resume: append-only batch files in a folder and an index (a run's checkpoint)
+    def save(self, folder: str, preview: int = PREVIEW) -> dict:
+        """Write the batches that have no file yet into `folder` (fsync'ed); return the index that
+        refers to every batch held. `preview`: the first images of each class copied into the index."""
+        new: dict[int, dict[int, torch.Tensor]] = {}
+        for c, buf in self._store.items():
+            for bid, b in buf:
+                if bid not in self._on_disk:
+                    new.setdefault(bid, {})[c] = b
+        self.bytes_written = 0
+        if new:
+            os.makedirs(folder, exist_ok=True)
+            for bid in sorted(new):
+                path = os.path.join(folder, batch_file(bid))
+                atomic_torch_save({"id": bid, "images": new[bid]}, path)
+                self.bytes_written += os.path.getsize(path)
+            _fsync_dir(folder)
+        held = {c: [bid for bid, _ in buf] for c, buf in self._store.items()}
+        self._on_disk = {bid for ids in held.values() for bid in ids}
+        index = {"format": "batch_files", "max_batch_per_class": self.max_batch_per_class,
+                 "image_size": self.image_size, "next_id": self._next_id, "batches": held}
+        if preview:
+            index["store"] = {c: [self._first(c, preview)] for c in self._store}
+        return index
+
+    def _first(self, c: int, k: int) -> torch.Tensor:
+        out, n = [], 0
+        for _, b in self._store[c]:
+            out.append(b[:k - n])
+            n += out[-1].shape[0]
+            if n >= k:
+                break
+        return torch.cat(out)
+
+    @staticmethod
+    def prune(folder: str, index: dict) -> int:
+        """Delete the batch files (and torn temporaries) in `folder` that `index` does not refer to;
+        call it once the checkpoint holding `index` is committed. Returns how many were deleted."""
+        keep = {batch_file(bid) for ids in index["batches"].values() for bid in ids}
+        gone = 0
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if name.startswith("batch_") and name not in keep:
+                    os.remove(os.path.join(folder, name))
+                    gone += 1
+        return gone
+
+    def load(self, index: dict, folder: str) -> None:
+        """The memory an index from save() describes, read from its batch files in `folder`."""
+        self._check_size(index)
+        files: dict[int, dict] = {}
+        store = {}
+        for c, ids in index["batches"].items():
+            buf = deque(maxlen=self.max_batch_per_class)
+            for bid in ids:
+                bid = int(bid)
+                if bid not in files:
+                    path = os.path.join(folder, batch_file(bid))
+                    if not os.path.isfile(path):
+                        raise CheckpointError(f"the task memory file {path} that the checkpoint refers to is "
+                                              "missing; restore it, or pass --overwrite to start the run over")
+                    files[bid] = load_checkpoint(path, what="task memory file",
+                                                 hint="restore it, or pass --overwrite to start the run over")
+                images = files[bid]["images"].get(int(c))
+                if images is None:
+                    raise CheckpointError(f"the task memory file {os.path.join(folder, batch_file(bid))} holds no "
+                                          f"images of class {c}, which the checkpoint expects there; it is not "
+                                          "this run's file")
+                buf.append((bid, images))
+            store[int(c)] = buf
+        self._store, self._next_id, self._on_disk = store, int(index["next_id"]), set(files)
 
 
 def replay_capacity(max_batch_per_class: int, batch_sizes: tuple[int, ...]) -> int:

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The checks to run on a machine with a GPU, in one go (docs/benchmarks.md):
+#   1. the test suite on CUDA (BIDF_TEST_DEVICE=cuda: the tests that honour it run their tensors there)
+#   2. every benchmark cell on CUDA, as the markdown tables of bench/RESULTS.md
+#   3. one whole API-SS visit at the paper's settings (32x32, 200 generator steps, q 100), not extrapolated
+#   4. the projected cost of a paper API-SS run on this GPU (python -m bench --estimate)
+# Outputs go to $GPU_CHECK_OUT (default bench/out/gpu/); each step's log is there too.
+#   bash bench/gpu_check.sh              # on the GPU machine
+#   bash bench/gpu_check.sh --dry-run    # print the commands and check that they parse; needs no GPU
+set -eo pipefail
+DRY=0
+case "${1:-}" in
+  --dry-run) DRY=1 ;;
+  "") ;;
+  *) echo "error: unknown argument $1; use --dry-run or nothing" >&2; exit 2 ;;
+esac
+. "$(dirname "$0")/../scriptskd/env.sh"
+OUT=${GPU_CHECK_OUT:-bench/out/gpu}
+
+STEPS=(
+  "tests|env BIDF_TEST_DEVICE=cuda bash tests/run.sh"
+  "bench|python -m bench --device cuda --markdown --out $OUT/bench.json"
+  "visit|python -m bench --device cuda --only kd --scales paper --sizes 32 --kd_steps 200 --out $OUT/visit.json --markdown"
+  "estimate|python -m bench --device cuda --estimate --out $OUT/estimate.json -- --preset paper_ss"
+)
+
+if [ "$DRY" = 1 ]; then
+  # what each python -m bench command would do, parsed by its own parser (nothing is measured)
+  for s in "${STEPS[@]}"; do
+    name=${s%%|*}; cmd=${s#*|}
+    echo "[gpu_check] $name: $cmd > $OUT/$name.log"
+    case "$cmd" in
+      "python -m bench"*)
+        # shellcheck disable=SC2086
+        python -c 'import sys; from bench.__main__ import parse_args; parse_args(sys.argv[1:])' ${cmd#python -m bench } ;;
+      *) [ -f tests/run.sh ] || { echo "error: tests/run.sh is missing" >&2; exit 1; } ;;
+    esac
+  done
+  python -c 'import torch; print(f"[gpu_check] dry run: commands parse; torch {torch.__version__}, "
+                                 f"CUDA available: {torch.cuda.is_available()}")'
+  exit 0
+fi
+
+python -c 'import sys, torch; torch.cuda.is_available() or sys.exit(
+  "error: torch sees no CUDA device; bench/gpu_check.sh runs on a GPU machine (--dry-run checks it anywhere)")'
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>/dev/null || true
+failed=()
+for s in "${STEPS[@]}"; do
+  name=${s%%|*}; cmd=${s#*|}
+  echo "[gpu_check] $name: $cmd"
+  t0=$SECONDS
+  # shellcheck disable=SC2086
+  if $cmd > "$OUT/$name.log" 2>&1; then
+    echo "[gpu_check] $name: ok in $((SECONDS - t0)) s ($OUT/$name.log)"
+  else
+    echo "[gpu_check] $name: FAILED after $((SECONDS - t0)) s; last lines of $OUT/$name.log:" >&2
+    tail -5 "$OUT/$name.log" >&2
+    failed+=("$name")
+  fi
+done
+[ ${#failed[@]} -eq 0 ] || { echo "[gpu_check] failed: ${failed[*]}" >&2; exit 1; }
+echo "[gpu_check] done: tables in $OUT/bench.log and $OUT/visit.log, projection in $OUT/estimate.log"
