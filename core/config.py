@@ -140,7 +140,7 @@ PRETRAIN_SETTINGS = ("dataset", "pre_backbone", "APInum", "way_pretrain", "pretr
 # Recipes: named sets of method choices, applied under a preset and explicit flags. faithful is the
 # original's method (the defaults); improved holds the variants that beat it in the ablation
 # (docs/differences.md, bench/ablation.py).
-RECIPES = {"faithful": {}, "improved": {"init": "torch", "kd_augment": False}}
+RECIPES = {"faithful": {}, "improved": {"init": "torch"}}
 FIELDS = {f.name: f for f in fields(Config)}
 _TYPES = typing.get_type_hints(Config)
 
