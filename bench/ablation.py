@@ -35,6 +35,7 @@ ROWS = {
     "project_api_pool": ([], "api_augment"),
     "all_project_variants": (["--boundary_student", "perturbed", "--no-kd_augment", "--zo_space", "pixel",
                               "--inversion_augment", "image", "--init", "torch"], "api_augment"),
+    "init_torch_no_kd_augment": (["--init", "torch", "--no-kd_augment"], "faithful"),
     "improved": (["--recipe", "improved"], "faithful"),
 }
 POOLS = {"faithful": [], "api_augment": ["--api_augment", "--init", "torch"]}
