@@ -129,6 +129,21 @@ class KDOutcome:
     kl_before: float                # KL on Q with θ (no adaptation), for diagnostics
     support: tuple[torch.Tensor, torch.Tensor]   # (images in [0, 1], absolute class ids)
     query: tuple[torch.Tensor, torch.Tensor]
+    api_confidence: float = float("nan")         # mean API probability of the target class (both sets)
+
+
+def class_diversity(x: torch.Tensor, labels: torch.Tensor) -> dict[int, float]:
+    """{class: RMS pixel distance between two of its images, averaged over all pairs}:
+    sqrt(mean_{i<j} |x_i - x_j|^2 / d). 0 when a class collapsed to one image; a diagnostic only."""
+    out = {}
+    for c in labels.unique().tolist():
+        xc = x[labels == c].flatten(1).float()
+        n = xc.shape[0]
+        if n < 2:
+            continue
+        d2 = torch.cdist(xc, xc).pow(2)
+        out[int(c)] = float((d2.sum() / (n * (n - 1)) / xc.shape[1]).sqrt())
+    return out
 
 
 def api_probs(api, x01: torch.Tensor) -> torch.Tensor:
@@ -183,4 +198,7 @@ def kd_task(model: nn.Module, params: Params, api, s: KDSettings, prep: Prep, *,
     if memory is not None:
         memory.add(*support)
         memory.add(*query)
-    return KDOutcome(loss, accuracy(logits.detach(), qy.to(logits.device)), kl_before, support, query)
+    # What the API says of its recovered images (probabilities already queried: no extra query).
+    confidence = torch.cat([sp.gather(1, sy.to(sp.device)[:, None]), qp.gather(1, qy.to(qp.device)[:, None])])
+    return KDOutcome(loss, accuracy(logits.detach(), qy.to(logits.device)), kl_before, support, query,
+                     confidence.mean().item())

@@ -320,7 +320,7 @@ class Trainer:
 
     def visit_api(self, task_id: int) -> tuple[torch.Tensor, float]:
         """Task `task_id` as an API visit (one bi-level KD task); (outer loss, query accuracy)."""
-        from .kd import kd_task
+        from .kd import class_diversity, kd_task
         cfg = self.cfg
         api = self.pool.draw(self.rng)
         gen = torch.Generator(device=self.device).manual_seed(int(self.rng.integers(2 ** 62)))
@@ -334,6 +334,11 @@ class Trainer:
         tb.add_scalar("kd/kl_query_before_inner", out.kl_before, task_id)
         tb.add_scalar("kd/kl_query_after_inner", out.loss.item(), task_id)
         tb.add_scalar("kd/acc_query", out.acc, task_id)
+        tb.add_scalar("kd/api_confidence", out.api_confidence, task_id)
+        div = class_diversity(torch.cat([out.support[0], out.query[0]]), torch.cat([out.support[1], out.query[1]]))
+        if div:
+            tb.add_scalar("kd/class_diversity_mean", float(np.mean(list(div.values()))), task_id)
+            tb.add_scalar("kd/class_diversity_min", min(div.values()), task_id)
         tb.add_scalar("kd/seconds_per_visit", time.time() - t, task_id)
         tb.add_scalar("api/visits", self.state.api_visits, task_id)
         tb.add_scalar("api/queries", self.queries(), task_id)

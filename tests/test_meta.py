@@ -114,6 +114,7 @@ def test_kd_task_inner_loop_reduces_query_kl(demo_pool):
     out = kd_task(model, meta_params(model), api, s, prep, boundary=True, memory=memory,
                   generator=torch.Generator().manual_seed(0))
     assert out.loss.item() < 0.9 * out.kl_before             # θ' fits the API better on the query set
+    assert 0.0 < out.api_confidence <= 1.0                    # a probability, from the queries already made
     out.loss.backward()                                       # the outer loss reaches every meta parameter
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     assert memory.classes == sorted(api.classes) and len(memory) == 5 * (4 + 4)
@@ -271,3 +272,11 @@ def test_corrupt_checkpoint_is_one_line_and_kept(tiny_run, demo_root, demo_pool,
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and "cannot read the run checkpoint" in lines[0]
     assert os.path.getsize(os.path.join(out, "last.pth")) == 1000      # nothing overwritten
+
+
+def test_class_diversity_is_zero_for_a_collapsed_class_and_grows_with_spread():
+    from methods.kd import class_diversity
+    same = torch.full((4, 3, 8, 8), 0.5)
+    spread = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    div = class_diversity(torch.cat([same, spread]), torch.tensor([0] * 4 + [1] * 4))
+    assert div[0] == pytest.approx(0.0, abs=1e-6) and div[1] > 0.3      # uniform pixels: RMS gap ~0.41
