@@ -74,8 +74,7 @@ def run_row(name: str, out: str, data_root: str, test_tasks: int) -> dict:
         _run(["main.py", *common, *flags, "--evaluate", os.path.join(run, "best.pth"), "--num_sup_test", "1",
               "--episode_test", str(test_tasks), "--out_dir", ev, "--resume"], log, 1)
     train, test = (json.load(open(os.path.join(d, "summary.json"))) for d in (run, ev))
-    return {"row": name, "flags": " ".join(flags) + (" (APIs pretrained with --api_augment --init torch)"
-                                                      if pool == "api_augment" else ""),
+    return {"row": name, "flags": " ".join(flags), "pool": " ".join(POOLS[pool]) or "(defaults)",
             "acc": round(test["test_acc"], 2), "ci": round(test["test_ci"], 2), "api_queries": train["api_queries"],
             "api_visits": train["api_visits"], "train_seconds": train["wall_seconds"],
             "this_call_seconds": round(time.time() - t0, 1)}
@@ -83,8 +82,8 @@ def run_row(name: str, out: str, data_root: str, test_tasks: int) -> dict:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     base = next((r for r in rows if r["row"] == "faithful"), None)
-    lines = ["| row | flags | 5-way 1-shot (%) | vs faithful | API queries | visits | training s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| row | main.py flags | APIs pretrained with | 5-way 1-shot (%) | vs faithful | API queries | visits "
+             "| training s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if base is None or r is base:
             vs = "—"
@@ -92,7 +91,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
             d = r["acc"] - base["acc"]
             apart = abs(d) > r["ci"] + base["ci"]
             vs = f"{d:+.2f}{' (CIs apart)' if apart else ''}"
-        lines.append(f"| {r['row']} | `{r['flags'] or '(defaults)'}` | {r['acc']:.2f} ± {r['ci']:.2f} | {vs} | "
+        flags = f"`{r['flags']}`" if r["flags"] else "(defaults)"
+        pool = f"`{r['pool']}`" if r["pool"] != "(defaults)" else r["pool"]
+        lines.append(f"| {r['row']} | {flags} | {pool} | {r['acc']:.2f} ± {r['ci']:.2f} | {vs} | "
                      f"{r['api_queries']:,} | {r['api_visits']} | {r['train_seconds']:.0f} |")
     lines += ["", f"Demo preset (`--preset demo`), seed 2022, model chosen on meta_val; 5-way 1-shot meta-test accuracy "
                   f"± 95% CI over {meta['test_tasks']} tasks. Measured {meta['date']} on {meta['processor']}, "

@@ -12,9 +12,9 @@ def test_every_row_names_known_flags_and_the_improved_recipe_is_a_row():
 
 
 def test_table_marks_rows_whose_intervals_do_not_overlap():
-    rows = [dict(row="faithful", flags="", acc=30.0, ci=0.5, api_queries=10, api_visits=1, train_seconds=5),
-            dict(row="a", flags="--x", acc=31.0, ci=0.6, api_queries=10, api_visits=1, train_seconds=5),
-            dict(row="b", flags="--y", acc=31.2, ci=0.6, api_queries=10, api_visits=1, train_seconds=5)]
+    rows = [dict(row="faithful", flags="", pool="(defaults)", acc=30.0, ci=0.5, api_queries=10, api_visits=1, train_seconds=5),
+            dict(row="a", flags="--x", pool="(defaults)", acc=31.0, ci=0.6, api_queries=10, api_visits=1, train_seconds=5),
+            dict(row="b", flags="--y", pool="(defaults)", acc=31.2, ci=0.6, api_queries=10, api_visits=1, train_seconds=5)]
     meta = dict(test_tasks=600, date="d", processor="p", jobs=2, command="c")
     lines = markdown(rows, meta).splitlines()
     assert "+1.00 |" in lines[3] and "CIs apart" not in lines[3]        # 1.0 < 0.5 + 0.6
