@@ -267,7 +267,7 @@ class Trainer:
             ck["pool"] = self.pool.state_dict()
             # Opening an API draws its initial weights from the global RNG: the resumed run must hold the
             # same APIs ready (same LRU order) to draw the same numbers afterwards.
-            ck["pool_ready"] = [list(k) for k in getattr(self.pool, "_cache", {})]
+            ck["pool_ready"] = [list(k) for k in self.pool.ready]
         return ck
 
     def _load(self, path: str) -> None:

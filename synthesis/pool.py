@@ -156,6 +156,11 @@ class APIPool:
             self._cache.popitem(last=False)
         return api
 
+    @property
+    def ready(self) -> list[tuple[str, str, int]]:
+        """The APIs held open, least recently used first (a resumed run reopens them in this order)."""
+        return list(self._cache)
+
     # -- resume
     def state_dict(self) -> dict:
         return {"total": self.meter.total, "per_api": dict(self.meter.per_api)}

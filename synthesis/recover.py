@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import network
-from core.config import DEFAULTS
+from core.config import DEFAULTS, FIELDS
 from core.io import atomic_write
 from dataset.augment import random_crop_flip
 
@@ -73,9 +73,9 @@ def affine_normalizer(mean, std, image_size: int, device, inverse: bool = False)
     return lambda x: torch.addcmul(shift, x, scale)
 
 
-BOUNDARY_STUDENT = ("clean", "perturbed")
-ZO_SPACE = ("normalized", "pixel")
-INVERSION_AUGMENT = ("batch", "image")
+# The allowed values live with the settings (core/config.py); library callers are checked too.
+BOUNDARY_STUDENT, ZO_SPACE, INVERSION_AUGMENT = (FIELDS[k].metadata["choices"] for k in
+                                                 ("boundary_student", "zo_space", "inversion_augment"))
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -114,6 +114,7 @@ def recover(api, per_class: int, *, steps: int, lr: float = 1e-3, zo: ZOConfig |
     target = torch.arange(way, device=device).repeat_interleave(per_class)
     use_student = student is not None and adv > 0
     clean_student = use_student and boundary_student == "clean"
+    normalized = zo_space == "normalized"
     cpu = device.type == "cpu"
 
     G = network.build("generator", image_size=spec.image_size, channels=spec.channels, nz=nz).to(device)
@@ -163,7 +164,6 @@ def recover(api, per_class: int, *, steps: int, lr: float = 1e-3, zo: ZOConfig |
         if zo is not None:
             xd = xa.detach()
             s_clean = student_logits(xd) if clean_student else None
-            normalized = zo_space == "normalized"
             xin = norm(xd) if normalized else xd
             if cpu:
                 xin = xin.contiguous(memory_format=torch.channels_last)   # perturb in the API's layout
