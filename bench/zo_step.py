@@ -34,6 +34,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 import network  # noqa: E402
+from core.allocator import keep_freed_memory  # noqa: E402
 from core.errors import BidfError  # noqa: E402
 from dataset.specs import get_spec  # noqa: E402
 from synthesis.api import BlackBoxAPI  # noqa: E402
@@ -82,6 +83,7 @@ def main(argv=None) -> dict:
     p.add_argument("--api", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    keep_freed_memory()
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)

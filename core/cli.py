@@ -4,12 +4,15 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from .allocator import keep_freed_memory
 from .errors import BidfError, Interrupted
 
 
 def run(main: Callable, *args, **kwargs):
     """Call main(*args, **kwargs); print a BidfError as `error: <message>` and exit 2
-    (130 after Ctrl-C), without a traceback. Anything else is a bug and keeps its traceback."""
+    (130 after Ctrl-C), without a traceback. Anything else is a bug and keeps its traceback.
+    glibc's malloc is set to reuse freed memory first (core/allocator.py)."""
+    keep_freed_memory()
     try:
         return main(*args, **kwargs)
     except Interrupted as e:

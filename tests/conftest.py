@@ -19,6 +19,9 @@ import torch  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+from core.allocator import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()     # as every entry point does (core/cli.py)
 
 DEMO_IMAGES_PER_CLASS = 60      # smaller than the default to keep the suite fast
 POOL_SIZE = 3

@@ -47,6 +47,27 @@ def test_generator_shapes(size, channels):
     assert any(not torch.equal(a, b) for a, b in zip(before, g.parameters()))   # fresh weights
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_generator_upconv_equals_upsample_then_conv(memory_format):
+    """The fused layer is nearest x2 upsampling + 3x3 convolution: outputs and gradients (input and
+    weight) equal in float64, on odd and even sides, with and without bias."""
+    from torch import nn
+    from network.generator import UpConv3x3
+    torch.manual_seed(0)
+    for bias, (h, w) in ((False, (8, 8)), (True, (5, 6))):
+        fused = UpConv3x3(6, 4, bias=bias).double()
+        plain = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(6, 4, 3, padding=1, bias=bias)).double()
+        plain[1].load_state_dict(fused.state_dict())
+        x = torch.randn(3, 6, h, w, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
+        g = torch.randn(3, 4, 2 * h, 2 * w, dtype=torch.float64)
+        ya, yb = fused(x), plain(x)
+        assert ya.shape == yb.shape and torch.allclose(ya, yb, rtol=0, atol=1e-12)
+        ga = torch.autograd.grad((ya * g).sum(), (x, *fused.parameters()))
+        gb = torch.autograd.grad((yb * g).sum(), (x, *plain.parameters()))
+        for a, b in zip(ga, gb):
+            assert torch.allclose(a, b, rtol=0, atol=1e-11)
+
+
 def test_unknown_architecture_is_one_line_error():
     with pytest.raises(ValueError, match="unknown architecture 'vgg'"):
         network.build("vgg", 5)
