@@ -25,7 +25,7 @@ PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 # settings shape the pool, not the meta-training run).
 RUNTIME_KEYS = ("multigpu", "evaluate", "gpu", "resume", "overwrite", "out_dir", "data_root",
                 "pretrained_path_prefix", "pretrain", "workers", "tensorboard", "api_seed", "epochs",
-                "batch_size", "lr", "api_augment", "api_patience", "eval_chunk", "replay_vmap")
+                "batch_size", "lr", "api_augment", "api_patience", "eval_chunk", "replay_vmap", "visit_threads")
 
 
 def _opt(group: str):
@@ -103,6 +103,8 @@ class Config:
     Glr: float = _pool(0.001, "Adam learning rate of the generator and its latent codes", above=0)
     max_batch_per_class: int = _pool(20, "task memory: recovered batches kept per class")
     query_budget: int | None = _pool(None, "total API queries allowed (default: no limit)")
+    visit_threads: int = _pool(0, "CPU threads during an API visit's recovery and adaptation (0: the process's "
+                                  "torch threads); other work keeps the process's", low=0)
     replay_augment: bool = _pool(False, "random crop/flip of replayed images (off, as in the original)")
     inversion_augment: str = _pool("batch", "inversion crop/flip: batch (one per step, as the original) | image",
                                    choices=("batch", "image"))

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from core.config import DEFAULTS
+from core.device import cpu_threads
 from dataset import normalize, random_crop_flip
 from synthesis.recover import BOUNDARY_STUDENT, INVERSION_AUGMENT, ZO_SPACE, ZOConfig, check_choice, recover
 
@@ -114,6 +115,7 @@ class KDSettings:
     kd_augment: bool = DEFAULTS.kd_augment                  # crop/flip each recovered set once before KD
     zo_space: str = DEFAULTS.zo_space                       # "normalized" | "pixel"
     inversion_augment: str = DEFAULTS.inversion_augment     # "batch" | "image"
+    visit_threads: int = DEFAULTS.visit_threads             # CPU threads for the visit (0: unchanged)
     zo: ZOConfig | None = None      # None: white-box generator gradients (the ablation without --ZO)
 
     def __post_init__(self):
@@ -163,35 +165,36 @@ def kd_task(model: nn.Module, params: Params, api, s: KDSettings, prep: Prep, *,
 
     lean (second order only): the inner loop through `lean_adapt`, no graph alive during the query
     recovery; False keeps maml.adapt's full graph (the reference the tests compare with)."""
-    way = len(api.classes)
-    classes = torch.as_tensor(api.classes, dtype=torch.long)
+    with cpu_threads(s.visit_threads):
+        way = len(api.classes)
+        classes = torch.as_tensor(api.classes, dtype=torch.long)
 
-    opts = {"zo_space": s.zo_space, "inversion_augment": s.inversion_augment}
-    sx, sy = recover(api, s.num_sup_kd, steps=s.generate_iterations, lr=s.Glr, zo=s.zo,
-                     generator=generator, **opts)
-    sxa = augment_set(sx, s.kd_augment, generator)
-    sp = api_probs(api, sxa)
-    if lean and not s.approx:
-        adapted = lean_adapt(model, params, prep(sxa), sp, s.inner_update_num_kd, s.inner_lr, way)
-    else:
-        adapted = adapt(model, params, prep(sxa), sp, kl_loss, s.inner_update_num_kd, s.inner_lr,
-                        s.approx, way=way)
+        opts = {"zo_space": s.zo_space, "inversion_augment": s.inversion_augment}
+        sx, sy = recover(api, s.num_sup_kd, steps=s.generate_iterations, lr=s.Glr, zo=s.zo,
+                         generator=generator, **opts)
+        sxa = augment_set(sx, s.kd_augment, generator)
+        sp = api_probs(api, sxa)
+        if lean and not s.approx:
+            adapted = lean_adapt(model, params, prep(sxa), sp, s.inner_update_num_kd, s.inner_lr, way)
+        else:
+            adapted = adapt(model, params, prep(sxa), sp, kl_loss, s.inner_update_num_kd, s.inner_lr,
+                            s.approx, way=way)
 
-    student, adv = None, 0.0
-    if boundary and s.adv > 0:
-        fixed = {k: v.detach() for k, v in adapted.items()}
-        student = bounded_student(lambda x01: forward(model, fixed, prep(x01), way),   # f_θ', fixed
-                                  way * s.num_qur_kd)
-        adv = s.adv
-    qx, qy = recover(api, s.num_qur_kd, steps=s.generate_iterations, lr=s.Glr, zo=s.zo,
-                     student=student, adv=adv, generator=generator, boundary_student=s.boundary_student, **opts)
-    qxa = augment_set(qx, s.kd_augment, generator)
-    qp = api_probs(api, qxa)
-    q_in = prep(qxa)
-    logits = forward(model, adapted, q_in, way)
-    loss = kl_loss(logits, qp)
-    with torch.no_grad():
-        kl_before = kl_loss(forward(model, params, q_in, way), qp).item()
+        student, adv = None, 0.0
+        if boundary and s.adv > 0:
+            fixed = {k: v.detach() for k, v in adapted.items()}
+            student = bounded_student(lambda x01: forward(model, fixed, prep(x01), way),   # f_θ', fixed
+                                      way * s.num_qur_kd)
+            adv = s.adv
+        qx, qy = recover(api, s.num_qur_kd, steps=s.generate_iterations, lr=s.Glr, zo=s.zo,
+                         student=student, adv=adv, generator=generator, boundary_student=s.boundary_student, **opts)
+        qxa = augment_set(qx, s.kd_augment, generator)
+        qp = api_probs(api, qxa)
+        q_in = prep(qxa)
+        logits = forward(model, adapted, q_in, way)
+        loss = kl_loss(logits, qp)
+        with torch.no_grad():
+            kl_before = kl_loss(forward(model, params, q_in, way), qp).item()
 
     support = (sx.detach(), classes[sy.cpu()])
     query = (qx.detach(), classes[qy.cpu()])

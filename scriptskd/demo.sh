@@ -3,11 +3,13 @@
 # minutes (bench/RESULTS.md):
 #   1. make the demo dataset (DFL2Ldata/demo, once)
 #   2. pretrain a small pool of conv4 APIs (pretrained_blackbox/demo/..., once; resumable)
-#   3. BiDf-MKD, API-SS, zero-order (black-box) synthesis, 5-way 1-shot meta-training, and beside it
+#   3. BiDf-MKD, API-SS, zero-order (black-box) synthesis, 5-way 1-shot meta-training
 #   4. the upper bound: MAML on the real meta-train images, same number of tasks
 #   5. 600-task meta-test evaluations, 5-way 1-shot and 5-shot, of the random-init meta model and of the
 #      two meta-trained models (chosen on meta_val; the 5-shot rows reuse the 1-shot-trained models)
 #   6. results.md / results.json and figs/ in the run directory (its path is the last line printed)
+# Two workers keep both cores busy (docs/demo.md): worker 1 runs 2 then 3, worker 2 runs 4 (it needs
+# no API pool, so it starts beside 2), and both then take the evaluations of 5 from one queue.
 # Interrupted? Rerun with DEMO_OUT=<that directory>: finished stages are skipped, the rest resumes.
 # Scale knobs (environment): DEMO_APIS, DEMO_TASKS, DEMO_Q, DEMO_GEN_ITERS, DEMO_TEST_TASKS.
 # DEMO_RECIPE=improved runs every row (method and baselines) with --recipe improved.
@@ -22,51 +24,73 @@ RECIPE=(--recipe "${DEMO_RECIPE:-faithful}")
 TEST_TASKS=${DEMO_TEST_TASKS:-600}  # final meta-test tasks per row
 OUT=${DEMO_OUT:-runs/demo-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT/eval"
+rm -rf "$OUT/.queue" "$OUT"/.failed_*; mkdir -p "$OUT/.queue"   # the evaluation queue's claims (a rerun starts afresh)
 echo "[demo] run directory: $OUT"
+# One thread per process: small-batch meta-learning runs faster that way (bench/RESULTS.md). The API
+# visits' large batches do scale, so BiDf-MKD gives them both threads (--visit_threads 2).
+export OMP_NUM_THREADS=1
 
-declare -A SECONDS_OF
-stage() {   # stage NAME CMD...: run and time one stage
-  local name=$1 t0=$SECONDS; shift
-  echo "[demo] == $name"
-  "$@"
-  SECONDS_OF[$name]=$((SECONDS - t0))
-}
 T0=$SECONDS
+seconds() { echo $((SECONDS - T0)) > "$OUT/.seconds_$1"; }   # seconds() NAME: when NAME ended
 
-stage data python -m dataset.demo --data_root ./DFL2Ldata
-stage pretrain python pretrain.py --preset demo "${API_EPOCHS[@]}" ${DEMO_APIS:+--APInum "$DEMO_APIS"}
+echo "[demo] == data"
+python -m dataset.demo --data_root ./DFL2Ldata
+seconds data
 
-evaluate() {   # evaluate METHOD CHECKPOINT SHOT: 600-task meta_test accuracy of one model
-  python main.py --preset demo "${RECIPE[@]}" --evaluate "$2" --num_sup_test "$3" --episode_test "$TEST_TASKS" \
-    --out_dir "$OUT/eval/$1_$3shot" --resume
+# The evaluation queue: each job is METHOD:SHOT, taken by the first free worker once its model exists.
+EVAL_JOBS=(random_init:5 random_init:1 maml_real:5 maml_real:1 bidf_mkd:5 bidf_mkd:1)
+checkpoint() { [ "$1" = random_init ] && echo random || echo "$OUT/$1/best.pth"; }
+model_ready() {   # model_ready METHOD: 0 once trained, 1 while training, 2 if its training failed
+  [ "$1" = random_init ] || [ -f "$OUT/$1/summary.json" ] && return 0
+  [ -f "$OUT/.failed_$1" ] && return 2
+  return 1
 }
-bidf_mkd() {   # the method, then its two evaluations
-  python main.py --preset demo "${RECIPE[@]}" "${SCALE[@]}" --out_dir "$OUT/bidf_mkd" --resume
-  evaluate bidf_mkd "$OUT/bidf_mkd/best.pth" 1
-  evaluate bidf_mkd "$OUT/bidf_mkd/best.pth" 5
-}
-baselines() {  # the upper bound (MAML on real images) and the floor (random init), with their evaluations
-  python main.py --preset demo "${RECIPE[@]}" "${SCALE[@]}" --out_dir "$OUT/maml_real" --baseline maml_real --resume
-  for shot in 1 5; do
-    evaluate maml_real "$OUT/maml_real/best.pth" "$shot"
-    evaluate random_init random "$shot"
+take_evaluations() {   # run queued evaluations until none is left to claim
+  local job method shot rc
+  for job in "${EVAL_JOBS[@]}"; do
+    mkdir "$OUT/.queue/$job" 2>/dev/null || continue      # claimed by the other worker
+    method=${job%:*}; shot=${job#*:}
+    while rc=0; model_ready "$method" || rc=$?; [ "$rc" = 1 ]; do sleep 2; done
+    [ "$rc" = 2 ] && continue
+    python main.py --preset demo "${RECIPE[@]}" --evaluate "$(checkpoint "$method")" --num_sup_test "$shot" \
+      --episode_test "$TEST_TASKS" --out_dir "$OUT/eval/${method}_${shot}shot" --resume \
+      > "$OUT/eval/${method}_${shot}shot.log" 2>&1 \
+      || { touch "$OUT/.failed_evaluation_${method}_${shot}shot"; continue; }
+    grep -h "^done:" "$OUT/eval/${method}_${shot}shot.log" || true
   done
 }
-# Small-batch meta-learning runs faster on one thread per process than on two threads
-# (bench/RESULTS.md), so the method and the baselines run side by side, one core each. The method's
-# progress is shown; the baselines' goes to a log.
-echo "[demo] == bidf_mkd, with the baselines alongside (log: $OUT/baselines.log)"
-t0=$SECONDS
-( export OMP_NUM_THREADS=1; baselines > "$OUT/baselines.log" 2>&1; echo $((SECONDS - t0)) > "$OUT/.baselines_seconds" ) &
-pid=$!
-( export OMP_NUM_THREADS=1; bidf_mkd )
-SECONDS_OF[bidf_mkd]=$((SECONDS - t0))
-wait "$pid" || { echo "[demo] the baselines failed; see $OUT/baselines.log" >&2; tail -3 "$OUT/baselines.log" >&2; exit 1; }
-SECONDS_OF[baselines]=$(cat "$OUT/.baselines_seconds")
-grep -h "^done:" "$OUT/baselines.log" || true
+train() {   # train METHOD FLAGS...: one meta-training run (a failure is marked for the queue)
+  local method=$1; shift
+  python main.py --preset demo "${RECIPE[@]}" "${SCALE[@]}" --out_dir "$OUT/$method" --resume "$@" \
+    || { touch "$OUT/.failed_$method"; return 1; }
+  seconds "$method"
+}
 
-{ printf '{"total": %d, "stages": {' "$((SECONDS - T0))"; sep=""
-  for k in data pretrain bidf_mkd baselines; do printf '%s"%s": %d' "$sep" "$k" "${SECONDS_OF[$k]}"; sep=", "; done
+# Worker 2 (log: baselines.log): MAML on the real images, then evaluations.
+( train maml_real --baseline maml_real && take_evaluations ) > "$OUT/baselines.log" 2>&1 &
+worker2=$!
+# Worker 1 (shown): the API pool, BiDf-MKD, then evaluations.
+echo "[demo] == pretrain (beside it: MAML on real images; log: $OUT/baselines.log)"
+python pretrain.py --preset demo "${API_EPOCHS[@]}" ${DEMO_APIS:+--APInum "$DEMO_APIS"} || touch "$OUT/.failed_bidf_mkd"
+seconds pretrain
+echo "[demo] == bidf_mkd"
+[ -f "$OUT/.failed_bidf_mkd" ] || train bidf_mkd --visit_threads 2 || true
+echo "[demo] == evaluations (600 tasks per row; logs: $OUT/eval/)"
+take_evaluations
+wait "$worker2" || true
+rm -rf "$OUT/.queue"
+failed=$(cd "$OUT" && ls -A | sed -n 's/^\.failed_//p')
+if [ -n "$failed" ]; then
+  echo "[demo] failed: $failed; see $OUT/baselines.log, $OUT/eval/*.log or the messages above" >&2
+  rm -f "$OUT"/.failed_*     # a rerun with DEMO_OUT=$OUT retries them
+  exit 1
+fi
+grep -h "^done:" "$OUT/baselines.log" || true
+seconds total
+
+{ printf '{"total": %d, "stages": {' "$(cat "$OUT/.seconds_total")"; sep=""
+  for k in data pretrain bidf_mkd maml_real; do
+    printf '%s"%s_ended": %d' "$sep" "$k" "$(cat "$OUT/.seconds_$k")"; sep=", "; done
   printf '}}\n'; } > "$OUT/timing.json"
-python -m reporting "$OUT" --note "Demo scale: the preset config/demo.py${SCALE[*]:+ with ${SCALE[*]}}, --recipe ${DEMO_RECIPE:-faithful}; models chosen on meta_val (100 tasks); the 5-shot rows evaluate the 1-shot-trained models; bidf_mkd and the baselines ran side by side, one core each."
+python -m reporting "$OUT" --note "Demo scale: the preset config/demo.py${SCALE[*]:+ with ${SCALE[*]}}, --recipe ${DEMO_RECIPE:-faithful}; models chosen on meta_val (100 tasks); the 5-shot rows evaluate the 1-shot-trained models; two workers, one thread each (BiDf-MKD's API visits: two)."
 echo "[demo] results: $OUT"

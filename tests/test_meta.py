@@ -110,9 +110,23 @@ def test_kd_task_inner_loop_reduces_query_kl(demo_pool):
     model = build("conv4", 5, image_size=32, batch_stats=True)
     memory = TaskMemory(20, 32)
     s = KDSettings(num_sup_kd=4, num_qur_kd=4, inner_update_num_kd=10, inner_lr=0.01, generate_iterations=3,
-                   zo=ZOConfig(q=4, mu=0.005, numsplit=2), adv=1.0)
-    out = kd_task(model, meta_params(model), api, s, prep, boundary=True, memory=memory,
-                  generator=torch.Generator().manual_seed(0))
+                   zo=ZOConfig(q=4, mu=0.005, numsplit=2), adv=1.0, visit_threads=3)
+    seen = set()
+
+    class ThreadsSeen:      # the API, noting the torch threads each query runs with
+        def __getattr__(self, name):
+            return getattr(api, name)
+
+        def __call__(self, x):
+            seen.add(torch.get_num_threads())
+            return api(x)
+    torch.set_num_threads(1)
+    try:
+        out = kd_task(model, meta_params(model), ThreadsSeen(), s, prep, boundary=True, memory=memory,
+                      generator=torch.Generator().manual_seed(0))
+        assert seen == {3} and torch.get_num_threads() == 1      # --visit_threads during the visit only
+    finally:
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
     assert out.loss.item() < 0.9 * out.kl_before             # θ' fits the API better on the query set
     assert 0.0 < out.api_confidence <= 1.0                    # a probability, from the queries already made
     out.loss.backward()                                       # the outer loss reaches every meta parameter
