@@ -164,7 +164,7 @@ class APIPool:
 
     @property
     def ready(self) -> list[tuple[str, str, int]]:
-        """The APIs held open, least recently used first (a resumed run reopens them in this order)."""
+        """The APIs held open, least recently used first."""
         return list(self._cache)
 
     def add_queries(self, per_api: dict[str, int]) -> None:
