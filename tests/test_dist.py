@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli
+from test_lean import _run_memory as _memory
 from test_meta import _flags, _read_jsonl
 
 from core.errors import FlagError
@@ -30,13 +31,6 @@ def _trace(folder: str) -> dict[int, list[dict]]:
 
 def _model(out: str) -> dict:
     return torch.load(os.path.join(out, "last.pth"), weights_only=True)["model"]
-
-
-def _memory(out: str) -> TaskMemory:
-    ck = torch.load(os.path.join(out, "last.pth"), weights_only=True)
-    mem = TaskMemory(ck["memory"]["max_batch_per_class"], ck["memory"]["image_size"])
-    mem.load_state_dict(ck["memory"], folder=os.path.join(out, "memory"))
-    return mem
 
 
 @pytest.fixture(scope="module")
