@@ -120,8 +120,8 @@ def broadcast(obj, dist: Dist, src: int = 0):
 
 
 def on_main(fn, dist: Dist):
-    """fn() on rank 0 only, its result handed to every process; an error there is raised everywhere
-    (marked as already reported, so that only rank 0 prints it)."""
+    """fn() on rank 0 only (the run directory is its), its result handed to every process; an error
+    there is raised on every process, so that all stop alike."""
     result, error = None, None
     if dist.is_main:
         try:
@@ -130,7 +130,5 @@ def on_main(fn, dist: Dist):
             error = e
     result, error = broadcast((result, error), dist)
     if error is not None:
-        if not dist.is_main:
-            error.reported_by_main = True
         raise error
     return result

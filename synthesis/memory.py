@@ -101,7 +101,8 @@ class TaskMemory:
 
     def counts(self) -> "BatchCounts":
         """The sizes of the batches held, per class, without the images (to plan a meta-batch)."""
-        return BatchCounts(self.max_batch_per_class, {c: [b.shape[0] for _, b in buf] for c, buf in self._store.items()})
+        sizes = {c: [b.shape[0] for _, b in buf] for c, buf in self._store.items()}
+        return BatchCounts(self.max_batch_per_class, sizes)
 
     def digest(self) -> str:
         """SHA-256 of the classes, their batches in order and the pixels: equal memories, equal digests."""

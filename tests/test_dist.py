@@ -71,8 +71,9 @@ def test_two_processes_give_the_results_of_one(runs):
     m1, m2 = _model(one), _model(two)
     for k in m1:
         assert torch.allclose(m1[k], m2[k], atol=1e-5, rtol=0), k
-    acc = lambda out: [(r["task"], r["split"], r["acc"], r["ci"]) for r in _read_jsonl(os.path.join(out, "metrics.jsonl"))]  # noqa: E731
-    assert acc(one) == acc(two)                                    # the same 6 evaluation tasks, same accuracies
+    def evals(out):
+        return [(r["task"], r["split"], r["acc"], r["ci"]) for r in _read_jsonl(os.path.join(out, "metrics.jsonl"))]
+    assert evals(one) == evals(two)                                    # the same 6 evaluation tasks, same accuracies
     s1, s2 = (json.load(open(os.path.join(o, "summary.json"))) for o in (one, two))
     for k in ("test_acc", "test_ci", "val_acc", "api_visits", "api_queries", "tasks"):
         assert s1[k] == s2[k], k
@@ -106,7 +107,8 @@ def test_killed_process_stops_the_run_which_resumes_with_another_process_count(r
     res = run_cli(["main.py", *flags, "--resume"], env_extra=ONE_THREAD)      # one process now
     assert f"after task {done}" in res.stdout
     assert json.load(open(os.path.join(out, "summary.json")))["tasks"] == 24
-    assert [r["task"] for r in _read_jsonl(os.path.join(out, "metrics.jsonl")) if r["split"] == "meta_test"] == [8, 16, 24]
+    rows = _read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert [r["task"] for r in rows if r["split"] == "meta_test"] == [8, 16, 24]
     ours, ref = _model(out), _model(one)
     for k in ref:
         assert torch.allclose(ours[k], ref[k], atol=1e-5, rtol=0), k
@@ -155,3 +157,14 @@ def test_task_grads_add_rows_in_task_order_like_accumulated_backwards():
         grads.take(i)
     grads.reduce(Dist())
     assert all(torch.equal(p.grad, w) for p, w in zip(model.parameters(), want))
+
+
+def test_evaluate_over_two_processes_scores_the_same_tasks(runs, demo_root, tmp_path):
+    _, one, _, _ = runs
+    flags = ["--dataset", "demo", "--data_root", demo_root, "--evaluate", os.path.join(one, "best.pth"),
+             "--way_train", "10", "--num_sup_test", "1", "--num_qur_test", "3", "--episode_test", "9", "--test_inner_update_num", "3"]
+    run_cli(["main.py", *flags, "--out_dir", str(tmp_path / "e1")], env_extra=ONE_THREAD)
+    proc = run_cli([*TORCHRUN, *flags, "--out_dir", str(tmp_path / "e2")], env_extra=ONE_THREAD)
+    s1, s2 = (json.load(open(tmp_path / e / "summary.json")) for e in ("e1", "e2"))
+    assert (s1["test_acc"], s1["test_ci"]) == (s2["test_acc"], s2["test_ci"])     # 9 tasks: 5 on rank 0, 4 on rank 1
+    assert proc.stdout.count("done:") == 1
