@@ -162,7 +162,8 @@ def test_task_grads_add_rows_in_task_order_like_accumulated_backwards():
 def test_evaluate_over_two_processes_scores_the_same_tasks(runs, demo_root, tmp_path):
     _, one, _, _ = runs
     flags = ["--dataset", "demo", "--data_root", demo_root, "--evaluate", os.path.join(one, "best.pth"),
-             "--way_train", "10", "--num_sup_test", "1", "--num_qur_test", "3", "--episode_test", "9", "--test_inner_update_num", "3"]
+             "--way_train", "10", "--num_sup_test", "1", "--num_qur_test", "3", "--episode_test", "9",
+             "--test_inner_update_num", "3"]
     run_cli(["main.py", *flags, "--out_dir", str(tmp_path / "e1")], env_extra=ONE_THREAD)
     proc = run_cli([*TORCHRUN, *flags, "--out_dir", str(tmp_path / "e2")], env_extra=ONE_THREAD)
     s1, s2 = (json.load(open(tmp_path / e / "summary.json")) for e in ("e1", "e2"))
