@@ -17,7 +17,9 @@ PARSER = dict(prog="main.py", description="BiDf-MKD: black-box data-free meta-le
 def parse_args(argv=None) -> Config:
     cfg, rest = parse(argv, **PARSER)
     if "multigpu" not in rest.given:       # keep the environment's visible devices unless told otherwise
-        cfg.multigpu = os.environ.get("CUDA_VISIBLE_DEVICES", cfg.multigpu)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))      # torchrun: one GPU per process of this machine
+        default = ",".join(map(str, range(local))) if local > 1 else cfg.multigpu
+        cfg.multigpu = os.environ.get("CUDA_VISIBLE_DEVICES", default)
     return cfg
 
 

@@ -61,14 +61,17 @@ def main() -> None:
         tr.optimizer.step()
         sync(); visit.append(time.time() - t)
     per_visit = (tr.queries() - q0) // max(1, len(visit))
+    fill = own.visits
     while tr.memory is not None and not tr.memory.can_sample(cfg.way_train, cfg.num_sup_train, cfg.num_qur_train):
-        tr.visit_api(0)    # fill the memory (not timed)
-    batch = []
+        fill += 1          # each task id draws its own API
+        tr.visit_api(fill)    # fill the memory (not timed)
+    batch, task_id = [], fill
     for _ in range(own.batches):
         tr.optimizer.zero_grad()
         sync(); t = time.time()
         for _ in range(cfg.episode_batch):
-            loss, _ = tr.replay()
+            task_id += 1
+            loss, _ = tr.replay(task_id)
             loss.backward()
         tr.optimizer.step()
         sync(); batch.append(time.time() - t)

@@ -45,7 +45,8 @@ _basic, _task, _kd, _pool, _zo, _api = (_opt(g) for g in (
 class Config:
     # basic
     multigpu: str = _basic("0", "visible CUDA devices (CUDA_VISIBLE_DEVICES; kept from the environment if unset)")
-    gpu: int = _basic(0, "CUDA device among the visible ones (the CPU when there is none)", low=0)
+    gpu: int = _basic(0, "CUDA device among the visible ones (the CPU when there is none; under torchrun each "
+                         "process uses its local rank)", low=0)
     dataset: str = _basic("cifar100", "cifar100 | miniimagenet | cub | demo; mix for API-MH")
     pretrained_path_prefix: str = _basic("./pretrained_blackbox", "root of the API pools")
     data_root: str = _basic("./DFL2Ldata", "root of the datasets")

@@ -55,7 +55,8 @@ def task_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, index])
 
 
-def fixed_tasks(data: SplitData, way: int, shot: int, query: int, n: int, seed: int):
-    """The n evaluation tasks of a seed, lazily; identical across runs and processes."""
-    for i in range(n):
+def fixed_tasks(data: SplitData, way: int, shot: int, query: int, n: int, seed: int, indices=None):
+    """The n evaluation tasks of a seed, lazily; identical across runs and processes.
+    indices: only those of the n tasks, in that order (one process's share)."""
+    for i in (range(n) if indices is None else indices):
         yield sample_task(data, way, shot, query, task_rng(seed, i))

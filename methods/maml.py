@@ -202,16 +202,21 @@ def _same_shape_chunks(tasks: Iterable, size: int):
         yield chunk
 
 
-def evaluate(model: nn.Module, params: Params, tasks: Iterable, steps: int, lr: float,
-             prep: Prep, way: int, device, chunk: int = 1) -> tuple[float, float]:
-    """Mean query accuracy (percent) over tasks, with its 95% confidence interval.
+def task_accuracies(model: nn.Module, params: Params, tasks: Iterable, steps: int, lr: float,
+                    prep: Prep, way: int, device, chunk: int = 1) -> list[float]:
+    """accuracy_after_adapt of each task, in order (percent).
 
     chunk > 1: `chunk` tasks at a time as one vmapped computation (accuracies_vmapped); the same
     accuracies to float rounding. chunk 1: one task at a time (faster on the CPU)."""
     if chunk <= 1:
-        return confidence_interval(accuracy_after_adapt(model, params, t.to(device), steps, lr, prep, way)
-                                   for t in tasks)
+        return [accuracy_after_adapt(model, params, t.to(device), steps, lr, prep, way) for t in tasks]
     accs = []
     for group in _same_shape_chunks(tasks, chunk):
         accs += accuracies_vmapped(model, params, [t.to(device) for t in group], steps, lr, prep, way)
-    return confidence_interval(accs)
+    return accs
+
+
+def evaluate(model: nn.Module, params: Params, tasks: Iterable, steps: int, lr: float,
+             prep: Prep, way: int, device, chunk: int = 1) -> tuple[float, float]:
+    """Mean query accuracy (percent) over tasks, with its 95% confidence interval (task_accuracies)."""
+    return confidence_interval(task_accuracies(model, params, tasks, steps, lr, prep, way, device, chunk))

@@ -8,12 +8,20 @@
                  a counter, any other increments it; at generate_interval the next task visits an API
     every val_interval tasks: evaluate on meta_val and meta_test (fixed tasks); keep the best on meta_val
     every save_interval tasks: checkpoint (resumable)
+
+Under torchrun (docs/distributed.md) task i of a meta-batch runs on rank i % N and the meta-gradient
+is all-reduced. Every random draw of a task comes from (seed, task id) (task_random), so the number
+of processes changes the speed, not the results: a meta-batch is planned first, identically on every
+process (which tasks visit an API, and which API), its visits run, their recovered images join the
+one memory in task order on every process, then its replay tasks run.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -21,15 +29,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from core import run_dir
+from core import dist, run_dir
 from core.config import Config, check, default_out_dir, settings, visit_cost
 from core.device import pick_device
 from core.errors import CheckpointError, FlagError, Interrupted, QueryBudgetExceeded
 from core.io import atomic_json, atomic_torch_save, load_checkpoint, read_json
-from dataset import MIX_DATASETS, MIX_IMAGE_SIZE, Task, check_episode, fixed_tasks, get_spec, load_split, normalize, resize
+from dataset import (MIX_DATASETS, MIX_IMAGE_SIZE, Task, check_episode, fixed_tasks, get_spec, load_split, normalize,
+                     resize, task_rng)
 from dataset.specs import IMAGENET_MEAN, IMAGENET_STD
 from network import build
-from .maml import evaluate, meta_params
+from .maml import confidence_interval, meta_params, task_accuracies
 from .replay import augmented, replay_task, replay_tasks
 
 
@@ -111,15 +120,19 @@ class RealTasks:
 # ---------------------------------------------------------------- evaluation
 
 def evaluate_all(model: nn.Module, cfg: Config, splits: list[EvalSplit], prep: MetaInput,
-                 device) -> dict[tuple[str, str], tuple[float, float]]:
-    """{(split, dataset): (acc %, 95% CI)} on the fixed tasks; in MH also (split, 'mean')."""
+                 device, procs: dist.Dist = dist.Dist()) -> dict[tuple[str, str], tuple[float, float]]:
+    """{(split, dataset): (acc %, 95% CI)} on the fixed tasks; in MH also (split, 'mean').
+    Under torchrun each process adapts to its share of the tasks (task i on rank i % N); the
+    accuracies are gathered in task order, so the mean and CI are over the same episode_test tasks."""
     params = meta_params(model)
     res = {}
+    mine = [i for i in range(cfg.episode_test) if procs.owns(i)]
     for s in splits:
         tasks = fixed_tasks(s.data, cfg.way_test, cfg.num_sup_test, cfg.num_qur_test, cfg.episode_test,
-                            cfg.eval_seed)
-        res[(s.split, s.dataset)] = evaluate(model, params, tasks, cfg.test_inner_update_num, cfg.inner_lr,
-                                             prep, cfg.way_test, device, chunk=cfg.eval_chunk)
+                            cfg.eval_seed, indices=mine)
+        accs = task_accuracies(model, params, tasks, cfg.test_inner_update_num, cfg.inner_lr, prep, cfg.way_test,
+                               device, chunk=cfg.eval_chunk)
+        res[(s.split, s.dataset)] = confidence_interval(dist.gather_items(dict(zip(mine, accs)), procs).values())
     if cfg.mh:
         for split in dict.fromkeys(s.split for s in splits):
             accs = [res[(split, d)] for d in MIX_DATASETS]
@@ -165,6 +178,43 @@ def _crossed(prev: int, now: int, every: int) -> bool:
     return now // every > prev // every
 
 
+class _Silent:
+    """Stands in for the TensorBoard writer and the metrics log on the processes that write nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+class TaskGrads:
+    """The meta-gradient of a meta-batch, one row per task: Σ_i ∇_θ L_i.
+
+    A process fills the rows of the tasks it ran (zero elsewhere); the rows are all-reduced (SUM),
+    then added up in task order. x + 0 is exact, so the meta-gradient is the same bit for bit
+    whichever process ran which task, and the same as one process accumulating the tasks' backwards."""
+
+    def __init__(self, params: list[torch.Tensor], tasks: int):
+        self.params = params
+        self.rows = torch.zeros(tasks, sum(p.numel() for p in params), device=params[0].device)
+
+    def take(self, i: int) -> None:
+        """Move the gradients accumulated since the last take into row i."""
+        self.rows[i] = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                                  for p in self.params])
+        for p in self.params:
+            p.grad = None
+
+    def reduce(self, procs: dist.Dist) -> None:
+        """Every process's rows summed, then the tasks' rows added in task order into the .grad fields."""
+        dist.all_sum(self.rows, procs)
+        total = self.rows[0].clone()
+        for row in self.rows[1:]:
+            total += row
+        offset = 0
+        for p in self.params:
+            p.grad = torch.empty_like(p).copy_(total[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
 class Trainer:
     """Owns the run: model, optimiser, task source, outputs. `run()` is the whole loop."""
 
@@ -172,12 +222,18 @@ class Trainer:
         check(cfg)
         self.cfg = cfg
         self.out_dir = default_out_dir(cfg)
-        self.device = pick_device(cfg.gpu, say=lambda m: print(f"note: {m}"))
+        self.procs = procs = dist.Dist.from_env()
+        if procs.world > 1 and cfg.replay_vmap:
+            raise FlagError("--replay_vmap runs a meta-batch's replay tasks in one process; under torchrun the "
+                            "tasks are spread over the processes instead: drop --replay_vmap")
+        self.main = procs.is_main
+        self.device = pick_device(cfg.gpu, local_rank=procs.local_rank, world=procs.local_world,
+                                  say=(lambda m: print(f"note: {m}")) if self.main else None)
+        dist.init(procs, self.device)
         self.prep = meta_input(cfg)
         self.splits = load_eval_splits(cfg)
         # Everything that can fail on the user's data or pool fails before the run directory is touched.
-        torch.manual_seed(cfg.seed)
-        self.rng = np.random.default_rng(cfg.seed)
+        torch.manual_seed(cfg.seed)     # the meta model's init: the same on every process
         self.model = build(cfg.backbone, cfg.way_train, channels=self.prep.channels, image_size=self.prep.size,
                            batch_stats=True, init=cfg.init, pool="max" if cfg.mh else "flatten"
                            ).to(self.device, memory_format=torch.channels_last)
@@ -191,22 +247,27 @@ class Trainer:
             self.real = RealTasks(cfg, self.prep.size)
         elif cfg.baseline == "none":
             self._open_pool()
-        resume_from = run_dir.prepare(cfg, self.out_dir)
+        # The run directory is rank 0's; the other processes learn what it holds.
+        resume_from = dist.on_main(lambda: run_dir.prepare(cfg, self.out_dir), procs)
         self.finished = resume_from == "finished"
         if self.finished:
             return
-        if cfg.resume and resume_from is None:
+        if cfg.resume and resume_from is None and self.main:
             print(f"note: nothing to resume in {self.out_dir}; starting a new run")
         self.state = LoopState(task=cfg.start_id - 1)
         if resume_from:
             self._load(resume_from)
-        self.metrics = run_dir.MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"),
-                                          keep_until_task=self.state.task if resume_from else None)
-        from torch.utils.tensorboard import SummaryWriter
-        self.tb = SummaryWriter(os.path.join(self.out_dir, "tb"), purge_step=self.state.task + 1 if resume_from else None)
+        self.metrics = self.tb = _Silent()
+        if self.main:
+            self.metrics = run_dir.MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"),
+                                              keep_until_task=self.state.task if resume_from else None)
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(self.out_dir, "tb"),
+                                    purge_step=self.state.task + 1 if resume_from else None)
         self.t0 = time.time()
         self.wall0 = self.state.wall_seconds
         self.saved_task = self.state.task if resume_from else None
+        self.trace = _Trace.from_env(procs)
 
     def _load_meta_model(self, path: str) -> None:
         """Weights of a saved meta model (best.pth or last.pth of a run with the same geometry)."""
@@ -231,7 +292,8 @@ class Trainer:
             raise FlagError(problem)
         # White-box (no --ZO, the ablation): the generator back-propagates through the API.
         self.pool = APIPool.load(cfg.pretrained_path_prefix, cfg.dataset, arch, cfg.way_pretrain, cfg.APInum,
-                                 self.device, white_box=not cfg.ZO, budget=cfg.query_budget)
+                                 self.device, white_box=not cfg.ZO, budget=cfg.query_budget,
+                                 say=None if self.main else (lambda m: None))
         classes = len(self.pool.classes)
         if cfg.way_train > classes:
             raise FlagError(f"--way_train {cfg.way_train} exceeds the {classes} classes the API pool "
@@ -243,130 +305,200 @@ class Trainer:
         self.kd = settings(KDSettings, cfg, zo=settings(ZOConfig, cfg) if cfg.ZO else None)
 
     def queries(self) -> int:
+        """API queries spent by the run (every process's visits)."""
         return self.pool.queries if self.pool is not None else 0
 
-    # -- checkpoints
+    # -- checkpoints (written by rank 0 alone)
     def _memory_dir(self) -> str:
         return os.path.join(self.out_dir, run_dir.MEMORY_DIR)
 
     def _checkpoint(self) -> dict:
         """The resumable state. The task memory's new batches are written to <out_dir>/memory/ here
-        (append-only files); the checkpoint holds their index."""
+        (append-only files); the checkpoint holds their index. No random state: every task draws
+        from (seed, task id)."""
         self.state.wall_seconds = self.wall0 + time.time() - self.t0
         st = asdict(self.state)
         st["api_queries"] = self.queries()
         ck = {"config": self.cfg.to_dict(), "state": st, "model": self.model.state_dict(),
-              "optimizer": self.optimizer.state_dict(), "numpy_rng": self.rng.bit_generator.state,
-              "torch_rng": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            ck["cuda_rng"] = torch.cuda.get_rng_state_all()
+              "optimizer": self.optimizer.state_dict()}
         if self.memory is not None:
             from synthesis.memory import PREVIEW
             # MH: no preview, python -m reporting draws no recovered-vs-real figure there
             ck["memory"] = self.memory.save(self._memory_dir(), preview=0 if self.cfg.mh else PREVIEW)
             ck["pool"] = self.pool.state_dict()
-            # Opening an API draws its initial weights from the global RNG: the resumed run must hold the
-            # same APIs ready (same LRU order) to draw the same numbers afterwards.
-            ck["pool_ready"] = [list(k) for k in self.pool.ready]
         return ck
 
     def _load(self, path: str) -> None:
-        ck = load_checkpoint(path, what="run checkpoint", hint="it is left untouched: restore it, or pass "
-                                                               "--overwrite to start the run over")
+        """Rank 0 reads the checkpoint (and the memory's files) and hands them to the other processes."""
+        def read():
+            ck = load_checkpoint(path, what="run checkpoint", hint="it is left untouched: restore it, or pass "
+                                                                  "--overwrite to start the run over")
+            held = None
+            if self.memory is not None:
+                # an index refers to <checkpoint's folder>/memory/; a checkpoint of earlier versions holds the images
+                self.memory.load_state_dict(ck["memory"],
+                                            folder=os.path.join(os.path.dirname(path), run_dir.MEMORY_DIR))
+                held = self.memory.state_dict() if self.procs.world > 1 else None
+            return ck, held
+        ck, held = dist.on_main(read, self.procs)
+        if self.memory is not None:
+            if not self.main:
+                self.memory.load_state_dict(held)
+            self.pool.load_state_dict(ck["pool"])
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
-        self.rng.bit_generator.state = ck["numpy_rng"]
-        torch.set_rng_state(ck["torch_rng"])
-        if "cuda_rng" in ck and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ck["cuda_rng"])
-        if self.memory is not None:
-            # an index refers to <checkpoint's folder>/memory/; a checkpoint of earlier versions holds the images
-            self.memory.load_state_dict(ck["memory"], folder=os.path.join(os.path.dirname(path), run_dir.MEMORY_DIR))
-            self.pool.load_state_dict(ck["pool"])
-            self._reopen(ck.get("pool_ready", []))
-        self.state = LoopState(**ck["state"])
-        print(f"resuming {self.out_dir} after task {self.state.task} "
-              f"({self.state.api_visits} API visits, {self.state.api_queries} queries so far)")
-
-    def _reopen(self, keys: list) -> None:
-        """Open the APIs the checkpointed run held ready, oldest first, without touching the restored RNG."""
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            for dataset, arch, index in keys:
-                self.pool.get(dataset, arch, int(index))
+        self.state = LoopState(**{k: v for k, v in ck["state"].items() if k in LoopState.__dataclass_fields__})
+        if self.main:
+            print(f"resuming {self.out_dir} after task {self.state.task} "
+                  f"({self.state.api_visits} API visits, {self.state.api_queries} queries so far)")
 
     def save_last(self) -> None:
         self.saved_task = self.state.task
+        if not self.main:
+            return
         ck = self._checkpoint()
         atomic_torch_save(ck, os.path.join(self.out_dir, "last.pth"))
         if self.memory is not None:     # only now may files the committed index does not name go
             self.memory.prune(self._memory_dir(), ck["memory"])
 
     def save_best(self) -> None:
-        atomic_torch_save({"config": self.cfg.to_dict(), "model": self.model.state_dict(),
-                                   "task": self.state.task, "val_acc": self.state.best_val,
-                                   "test_acc": self.state.best_val_test},
-                                  os.path.join(self.out_dir, "best.pth"))
+        if self.main:
+            atomic_torch_save({"config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                               "task": self.state.task, "val_acc": self.state.best_val,
+                               "test_acc": self.state.best_val_test},
+                              os.path.join(self.out_dir, "best.pth"))
 
-    # -- one task
-    def _visit_allowed(self) -> bool:
+    # -- the random draws of one task
+    @contextmanager
+    def _task_random(self, task_id: int):
+        """Every random draw of task `task_id` comes from (seed, task id): a numpy Generator (yielded),
+        the global torch RNG seeded from it by `_seed` and restored afterwards. The task is then the same
+        whichever process runs it and whatever ran before it there."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            yield task_rng(self.cfg.seed, task_id)
+
+    def _seed(self, rng: np.random.Generator) -> torch.Generator:
+        """Seed the global torch RNG from the task's rng; a torch.Generator for what takes one."""
+        torch.manual_seed(int(rng.integers(2 ** 62)))
+        return torch.Generator(device=self.device).manual_seed(int(rng.integers(2 ** 62)))
+
+    # -- planning a meta-batch
+    def _visit_allowed(self, queries: int) -> bool:
         b = self.cfg.query_budget
-        if b is None or self.queries() + visit_cost(self.cfg) <= b:
+        if b is None or queries + visit_cost(self.cfg) <= b:
             return True
         if not self.state.budget_note:
-            tqdm.write(f"query budget {b} reached ({self.queries()} spent): no more API visits, replay only")
+            if self.main:
+                tqdm.write(f"query budget {b} reached ({queries} spent): no more API visits, replay only")
             self.state.budget_note = True
         return False
 
-    def visit_api(self, task_id: int) -> tuple[torch.Tensor, float]:
-        """Task `task_id` as an API visit (one bi-level KD task); (outer loss, query accuracy)."""
-        from .kd import class_diversity, kd_task
+    def plan(self, ids: list[int]) -> list:
+        """The API entry each task of a meta-batch visits (None: a replay task), the same on every process.
+
+        A task visits an API when the trigger asked for one (the first task after it) or while the memory
+        cannot yet supply a replay task, within the query budget. Whether it can is known before any visit
+        runs: a visit adds a support and a query batch to each of its API's classes (num_sup_kd and
+        num_qur_kd images each) and costs visit_cost(cfg) queries; its API is the first draw of the task's
+        rng. So a meta-batch's visits come before its replay tasks."""
         cfg = self.cfg
-        api = self.pool.draw(self.rng)
-        gen = torch.Generator(device=self.device).manual_seed(int(self.rng.integers(2 ** 62)))
-        boundary = task_id // cfg.episode_batch > cfg.advstartit
+        if self.real is not None:
+            return [None] * len(ids)
+        counts, queries, visit_next = self.memory.counts(), self.queries(), self.state.visit_next
+        out = []
+        for task_id in ids:
+            can_replay = counts.can_sample(cfg.way_train, cfg.num_sup_train, cfg.num_qur_train)
+            if (visit_next or not can_replay) and self._visit_allowed(queries):
+                entry = self.pool.pick(task_rng(cfg.seed, task_id))
+                counts.add(entry.classes, cfg.num_sup_kd, cfg.num_qur_kd)
+                queries += visit_cost(cfg)
+                visit_next = False
+                out.append(entry)
+            elif not can_replay:
+                raise QueryBudgetExceeded(f"the query budget is spent and the task memory cannot yet supply "
+                             f"{cfg.way_train}-way tasks of {cfg.num_sup_train}+{cfg.num_qur_train} images per "
+                             "class; raise --query_budget or lower --way_train/--num_sup_train/--num_qur_train")
+            else:
+                out.append(None)
+        return out
+
+    # -- one task
+    def _visit(self, task_id: int):
+        """Task `task_id` as an API visit (one bi-level KD task); (KD outcome, what every process needs of it)."""
+        from .kd import kd_task
+        cfg = self.cfg
+        before = dict(self.pool.meter.per_api)
         t = time.time()
-        out = kd_task(self.model, meta_params(self.model), api, self.kd, self.prep, boundary=boundary,
-                      memory=self.memory, generator=gen)
+        with self._task_random(task_id) as rng:
+            entry = self.pool.pick(rng)          # the API plan() drew
+            api = self.pool.open(entry)          # opening draws from the global RNG: before seeding it
+            gen = self._seed(rng)
+            boundary = task_id // cfg.episode_batch > cfg.advstartit
+            out = kd_task(self.model, meta_params(self.model), api, self.kd, self.prep, boundary=boundary,
+                          generator=gen)
+        spent = {k: v - before.get(k, 0) for k, v in self.pool.meter.per_api.items() if v != before.get(k, 0)}
+        record = {"rank": self.procs.rank, "loss": out.loss.item(), "acc": out.acc, "kl_before": out.kl_before,
+                  "api_confidence": out.api_confidence, "seconds": time.time() - t, "queries": spent,
+                  "support": tuple(v.cpu() for v in out.support), "query": tuple(v.cpu() for v in out.query)}
+        return out, record
+
+    def _adopt(self, task_id: int, r: dict) -> None:
+        """A finished visit, on every process: its recovered sets join the memory, its queries the count."""
+        from .kd import class_diversity
+        if r["rank"] != self.procs.rank:
+            self.pool.add_queries(r["queries"])
+        self.memory.add(*r["support"])
+        self.memory.add(*r["query"])
         self.state.api_visits += 1
         self.state.visit_next = False
+        if not self.main:
+            return
         tb = self.tb
-        tb.add_scalar("kd/kl_query_before_inner", out.kl_before, task_id)
-        tb.add_scalar("kd/kl_query_after_inner", out.loss.item(), task_id)
-        tb.add_scalar("kd/acc_query", out.acc, task_id)
-        tb.add_scalar("kd/api_confidence", out.api_confidence, task_id)
-        div = class_diversity(torch.cat([out.support[0], out.query[0]]), torch.cat([out.support[1], out.query[1]]))
+        tb.add_scalar("kd/kl_query_before_inner", r["kl_before"], task_id)
+        tb.add_scalar("kd/kl_query_after_inner", r["loss"], task_id)
+        tb.add_scalar("kd/acc_query", r["acc"], task_id)
+        tb.add_scalar("kd/api_confidence", r["api_confidence"], task_id)
+        (sx, sy), (qx, qy) = r["support"], r["query"]
+        div = class_diversity(torch.cat([sx, qx]), torch.cat([sy, qy]))
         if div:
             tb.add_scalar("kd/class_diversity_mean", float(np.mean(list(div.values()))), task_id)
             tb.add_scalar("kd/class_diversity_min", min(div.values()), task_id)
-        tb.add_scalar("kd/seconds_per_visit", time.time() - t, task_id)
+        tb.add_scalar("kd/seconds_per_visit", r["seconds"], task_id)
         tb.add_scalar("api/visits", self.state.api_visits, task_id)
         tb.add_scalar("api/queries", self.queries(), task_id)
-        self._log_images(out, len(api.classes), task_id)
+        self._log_images(r["support"], r["query"], len(sy.unique()), task_id)
+
+    def visit_api(self, task_id: int) -> tuple[torch.Tensor, float]:
+        """Task `task_id` as an API visit in this process, its sets added to the memory; (outer loss, accuracy)."""
+        out, record = self._visit(task_id)
+        self._adopt(task_id, record)
         return out.loss, out.acc
 
-    def _log_images(self, out, way: int, task_id: int) -> None:
+    def _log_images(self, support, query, way: int, task_id: int) -> None:
         """Recovered support and query images, one row per class (at most 8 per class)."""
         from torchvision.utils import make_grid
-        for name, (x, _) in (("support", out.support), ("query", out.query)):
+        for name, (x, _) in (("support", support), ("query", query)):
             per = x.shape[0] // way
             k = min(per, 8)
             pick = x.view(way, per, *x.shape[1:])[:, :k].reshape(way * k, *x.shape[1:])
             self.tb.add_image(f"recovered/{name}", make_grid(pick.float().cpu(), nrow=k), task_id)
 
-    def draw_replay(self) -> Task:
-        """The next replay task from the memory (or the real images for maml_real), augmented here when
-        --replay_augment: its random draws (numpy, then torch) come at its turn in the meta-batch,
-        whether it runs at once or with the meta-batch's other replay tasks (--replay_vmap)."""
+    def draw_replay(self, task_id: int) -> Task:
+        """Replay task `task_id` from the memory (or the real images for maml_real), augmented when
+        --replay_augment; its draws come from (seed, task id), whether it runs at once or with the
+        meta-batch's other replay tasks (--replay_vmap)."""
         cfg = self.cfg
         source = self.real if self.real is not None else self.memory
-        task = source.sample_task(cfg.way_train, cfg.num_sup_train, cfg.num_qur_train, self.rng).to(self.device)
-        return augmented(task) if cfg.replay_augment else task
+        with self._task_random(task_id) as rng:
+            task = source.sample_task(cfg.way_train, cfg.num_sup_train, cfg.num_qur_train, rng).to(self.device)
+            gen = self._seed(rng)
+            return augmented(task, gen) if cfg.replay_augment else task
 
-    def replay(self) -> tuple[torch.Tensor, float]:
-        """One replay task; (outer loss, accuracy)."""
+    def replay(self, task_id: int) -> tuple[torch.Tensor, float]:
+        """Replay task `task_id`; (outer loss, accuracy)."""
         cfg = self.cfg
-        return replay_task(self.model, meta_params(self.model), self.draw_replay(), steps=cfg.inner_update_num,
+        return replay_task(self.model, meta_params(self.model), self.draw_replay(task_id), steps=cfg.inner_update_num,
                            lr=cfg.inner_lr, first_order=cfg.approx, prep=self.prep, way=cfg.way_train)
 
     def replay_together(self, tasks: list[Task]) -> tuple[torch.Tensor, list[float]]:
@@ -375,20 +507,42 @@ class Trainer:
         return replay_tasks(self.model, meta_params(self.model), tasks, steps=cfg.inner_update_num,
                             lr=cfg.inner_lr, first_order=cfg.approx, prep=self.prep, way=cfg.way_train)
 
-    def _one_task(self, task_id: int, defer_replay: bool = False) -> tuple[torch.Tensor, float] | Task:
-        """(outer loss, accuracy) of the task; defer_replay: a replay task is only drawn (returned)."""
-        cfg = self.cfg
-        replay = self.draw_replay if defer_replay else self.replay
-        if self.real is not None:
-            return replay()
-        can_replay = self.memory.can_sample(cfg.way_train, cfg.num_sup_train, cfg.num_qur_train)
-        if (self.state.visit_next or not can_replay) and self._visit_allowed():
-            return self.visit_api(task_id)
-        if not can_replay:
-            raise QueryBudgetExceeded(f"the query budget is spent and the task memory cannot yet supply "
-                             f"{cfg.way_train}-way tasks of {cfg.num_sup_train}+{cfg.num_qur_train} images per "
-                             "class; raise --query_budget or lower --way_train/--num_sup_train/--num_qur_train")
-        return replay()
+    # -- one meta-batch
+    def meta_batch(self, ids: list[int]) -> tuple[list[float], list[float]]:
+        """Run tasks `ids` (task i of the batch on rank i % N) and leave Σ_i ∇_θ L_i in the .grad fields
+        of every process; (outer losses, accuracies) in task order, the same on every process."""
+        procs = self.procs
+        plan = self.plan(ids)
+        grads = TaskGrads(list(self.model.parameters()), len(ids))
+        done = {}
+        # 1. the API visits; their recovered sets join the memory in task order, on every process
+        visits = {}
+        for i, entry in enumerate(plan):
+            if entry is not None and procs.owns(i):
+                out, visits[i] = self._visit(ids[i])
+                out.loss.backward()     # one task's graph at a time
+                grads.take(i)
+                del out
+        for i, record in dist.gather_items(visits, procs).items():
+            self._adopt(ids[i], record)
+            done[i] = (record["loss"], record["acc"])
+        # 2. the replay tasks, from the memory as the visits left it
+        mine = [i for i, entry in enumerate(plan) if entry is None and procs.owns(i)]
+        replayed = {}
+        if self.cfg.replay_vmap and mine:       # one process (checked in __init__): one row for them all
+            loss, acc = self.replay_together([self.draw_replay(ids[i]) for i in mine])
+            loss.sum().backward()
+            grads.take(mine[0])
+            replayed = {i: (l, a) for i, l, a in zip(mine, loss.tolist(), acc)}
+        else:
+            for i in mine:
+                loss, acc = self.replay(ids[i])
+                loss.backward()
+                grads.take(i)
+                replayed[i] = (loss.item(), acc)
+        done.update(dist.gather_items(replayed, procs))
+        grads.reduce(procs)
+        return [done[i][0] for i in range(len(ids))], [done[i][1] for i in range(len(ids))]
 
     # -- the trigger
     def _trigger(self, acc: float) -> None:
@@ -404,7 +558,7 @@ class Trainer:
     def _evaluate(self) -> None:
         cfg, s = self.cfg, self.state
         t = time.time()
-        res = evaluate_all(self.model, cfg, self.splits, self.prep, self.device)
+        res = evaluate_all(self.model, cfg, self.splits, self.prep, self.device, self.procs)
         s.evals += 1
         wall = self.wall0 + time.time() - self.t0
         for (split, ds), (acc, ci) in res.items():
@@ -427,10 +581,11 @@ class Trainer:
         self.tb.add_scalar("eval/test_acc_best_on_val", s.best_val_test, s.task)
         self.tb.add_scalar("eval/test_acc_best_on_test (original protocol)", s.best_test, s.task)
         self.tb.add_scalar("eval/seconds", time.time() - t, s.task)
-        tqdm.write(f"[task {s.task} | meta-iter {s.task // cfg.episode_batch}] meta_val {val:.2f} ± {val_ci:.2f}"
-                   f"  meta_test {test:.2f} ± {test_ci:.2f}  | best on val: test {s.best_val_test:.2f} "
-                   f"(task {s.best_val_task})  best on test (original protocol): {s.best_test:.2f}"
-                   f"  | visits {s.api_visits} queries {self.queries()}  {wall:.0f}s")
+        if self.main:
+            tqdm.write(f"[task {s.task} | meta-iter {s.task // cfg.episode_batch}] meta_val {val:.2f} ± {val_ci:.2f}"
+                       f"  meta_test {test:.2f} ± {test_ci:.2f}  | best on val: test {s.best_val_test:.2f} "
+                       f"(task {s.best_val_task})  best on test (original protocol): {s.best_test:.2f}"
+                       f"  | visits {s.api_visits} queries {self.queries()}  {wall:.0f}s")
 
     def summary(self) -> dict:
         s, cfg = self.state, self.cfg
@@ -443,7 +598,7 @@ class Trainer:
                "api_queries": self.queries(), "api_visits": s.api_visits, "tasks": s.task,
                "tasks_run": s.task - cfg.start_id + 1 if cfg.baseline != "random_init" else 0,
                "wall_seconds": round(self.wall0 + time.time() - self.t0, 2),
-               "device": str(self.device), "baseline": cfg.baseline}
+               "device": str(self.device), "baseline": cfg.baseline, "processes": self.procs.world}
         if cfg.mh:
             out["per_dataset_best_on_val"] = {k: {"acc": v[0], "ci": v[1]} for k, v in s.best_val_res.items()}
         return out
@@ -452,8 +607,9 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         if self.finished:
-            summary = read_json(os.path.join(self.out_dir, "summary.json"))
-            print(f"{self.out_dir} is already finished: test {summary['test_acc']:.2f} ± {summary['test_ci']:.2f}")
+            summary = dist.on_main(lambda: read_json(os.path.join(self.out_dir, "summary.json")), self.procs)
+            if self.main:
+                print(f"{self.out_dir} is already finished: test {summary['test_acc']:.2f} ± {summary['test_ci']:.2f}")
             return summary
         if cfg.evaluate:
             return self._evaluate_only()
@@ -464,38 +620,35 @@ class Trainer:
         try:
             self._loop()
         except KeyboardInterrupt:
-            kept = (f"the checkpoint of task {self.saved_task} in {self.out_dir} is kept: add --resume to continue "
-                    "from it") if self.saved_task is not None else "no checkpoint was written yet"
-            raise Interrupted(f"interrupted during task {self.state.task + 1}; {kept}") from None
+            raise self._stopped("interrupted") from None
+        except Exception as e:
+            if not dist.lost_peer(e):
+                raise
+            raise self._stopped("stopped: another process of the run ended") from None
         return self._finish()
+
+    def _stopped(self, why: str) -> Interrupted:
+        kept = (f"the checkpoint of task {self.saved_task} in {self.out_dir} is kept: add --resume to continue "
+                "from it") if self.saved_task is not None else "no checkpoint was written yet"
+        return Interrupted(f"{why} during task {self.state.task + 1}; {kept}")
 
     def _loop(self) -> None:
         cfg, s = self.cfg, self.state
-        bar = tqdm(total=cfg.episode_train, initial=s.task, unit="task", dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(total=cfg.episode_train, initial=s.task, unit="task", dynamic_ncols=True, mininterval=1.0,
+                   disable=not self.main)
         while s.task < cfg.episode_train:
             prev = s.task
             n = min(cfg.episode_batch - s.task % cfg.episode_batch, cfg.episode_train - s.task)
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
-            accs, losses, drawn, t_batch = [0.0] * n, [0.0] * n, {}, time.time()
-            for i in range(n):
-                out = self._one_task(s.task + 1, defer_replay=cfg.replay_vmap)
-                if isinstance(out, Task):   # --replay_vmap: run with the meta-batch's other replay tasks
-                    drawn[i] = out
-                else:
-                    loss, accs[i] = out
-                    loss.backward()         # grad of the summed outer loss, one task's graph at a time
-                    losses[i] = loss.item()
-                s.task += 1
-            if drawn:
-                loss, acc = self.replay_together(list(drawn.values()))
-                loss.sum().backward()
-                for i, l, a in zip(drawn, loss.tolist(), acc):
-                    losses[i], accs[i] = l, a
+            t_batch = time.time()
+            losses, accs = self.meta_batch(list(range(s.task + 1, s.task + n + 1)))
+            s.task += n
             loss_sum = sum(losses)          # in task order, as the tasks ran
             self.optimizer.step()
             s.train_acc = float(np.mean(accs))
             self._trigger(s.train_acc)
+            self.trace.step(s.task, self.model, self.memory)
             self.tb.add_scalar("train/outer_loss", loss_sum, s.task)
             self.tb.add_scalar("train/acc", s.train_acc, s.task)
             self.tb.add_scalar("train/seconds_per_meta_batch", time.time() - t_batch, s.task)
@@ -517,7 +670,7 @@ class Trainer:
         """--evaluate: meta_test accuracy of a saved model (selection already happened on meta_val)."""
         cfg = self.cfg
         t = time.time()
-        res = evaluate_all(self.model, cfg, self.splits, self.prep, self.device)
+        res = evaluate_all(self.model, cfg, self.splits, self.prep, self.device, self.procs)
         test, test_ci = res[("meta_test", "mean")] if cfg.mh else res[("meta_test", cfg.dataset)]
         for (split, ds), (acc, ci) in res.items():
             self.metrics.write({"task": 0, "meta_iter": 0, "split": split, "dataset": ds, "acc": round(acc, 4),
@@ -528,20 +681,53 @@ class Trainer:
                    "wall_seconds": round(time.time() - t, 2), "device": str(self.device)}
         if cfg.mh:
             summary["per_dataset"] = {ds: {"acc": a, "ci": c} for (_, ds), (a, c) in res.items()}
-        atomic_json(summary, os.path.join(self.out_dir, "summary.json"))
-        print(f"done: {cfg.way_test}-way {cfg.num_sup_test}-shot meta_test {test:.2f} ± {test_ci:.2f} "
-              f"({cfg.episode_test} tasks) of {cfg.evaluate} -> {self.out_dir}")
+        if self.main:
+            atomic_json(summary, os.path.join(self.out_dir, "summary.json"))
+            print(f"done: {cfg.way_test}-way {cfg.num_sup_test}-shot meta_test {test:.2f} ± {test_ci:.2f} "
+                  f"({cfg.episode_test} tasks) of {cfg.evaluate} -> {self.out_dir}")
         return summary
 
     def _finish(self) -> dict:
         summary = self.summary()
-        atomic_json(summary, os.path.join(self.out_dir, "summary.json"))
         self.tb.close()
-        print(f"done: meta_test {summary['test_acc']:.2f} ± {summary['test_ci']:.2f} (model chosen on meta_val "
-              f"{summary['val_acc']:.2f}); best on test (original protocol) "
-              f"{summary['test_acc_best_on_test (original protocol)']:.2f}; {summary['api_visits']} API visits, "
-              f"{summary['api_queries']} queries, {summary['wall_seconds']:.0f}s -> {self.out_dir}")
+        if self.main:
+            atomic_json(summary, os.path.join(self.out_dir, "summary.json"))
+            print(f"done: meta_test {summary['test_acc']:.2f} ± {summary['test_ci']:.2f} (model chosen on meta_val "
+                  f"{summary['val_acc']:.2f}); best on test (original protocol) "
+                  f"{summary['test_acc_best_on_test (original protocol)']:.2f}; {summary['api_visits']} API visits, "
+                  f"{summary['api_queries']} queries, {summary['wall_seconds']:.0f}s -> {self.out_dir}")
         return summary
+
+
+class _Trace:
+    """A debugging aid for the tests of torchrun runs: with BIDF_DIST_TRACE=<folder>, each process appends
+    {task, params: SHA-256 of the meta model's parameters, memory: TaskMemory.digest()} after every
+    meta-step to <folder>/rank<r>.jsonl (its first line holds its pid)."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+
+    @staticmethod
+    def from_env(procs: dist.Dist) -> "_Trace":
+        folder = os.environ.get("BIDF_DIST_TRACE")
+        if not folder:
+            return _Trace(None)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"rank{procs.rank}.jsonl")
+        with open(path, "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "world": procs.world}) + "\n")
+        return _Trace(path)
+
+    def step(self, task: int, model: nn.Module, memory) -> None:
+        if self.path is None:
+            return
+        import hashlib
+        h = hashlib.sha256()
+        for p in model.parameters():
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        row = {"task": task, "params": h.hexdigest(), "memory": memory.digest() if memory is not None else None}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def _unflat(d: dict) -> dict:
@@ -550,4 +736,7 @@ def _unflat(d: dict) -> dict:
 
 def train(cfg: Config) -> dict:
     """Run (or resume) one meta-training run; returns the summary."""
-    return Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    summary = trainer.run()
+    dist.close(trainer.procs)
+    return summary

@@ -28,6 +28,7 @@ from tqdm import tqdm
 import network
 from core.config import PRETRAIN_SETTINGS, Config, check_values
 from core.device import pick_device
+from core.dist import Dist
 from core.errors import DataError, FlagError, PoolError
 from core.io import atomic_text
 from dataset import DatasetSpec, get_spec, load_split, normalize, random_crop_flip, train_val_indices
@@ -42,22 +43,6 @@ IDENTITY_KEYS = ("dataset", "arch", "way", "classes", "image_size", "channels", 
                  "api_patience")
 # What files written before a setting existed were trained with.
 IDENTITY_BEFORE = {"init": "torch", "api_augment": True, "api_patience": None}
-
-
-@dataclass
-class Dist:
-    """Where this process sits in a torchrun launch (rank 0 of 1 without torchrun)."""
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @staticmethod
-    def from_env() -> "Dist":
-        env = os.environ
-        return Dist(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
-
-    def owns(self, index: int) -> bool:
-        return index % self.world == self.rank
 
 
 @dataclass

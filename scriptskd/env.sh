@@ -23,3 +23,9 @@ fi
 # nothing on a quiet one (bench/RESULTS.md).
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 cd "$_root" || exit 1
+# How the scenario and pretraining scripts launch their entry point: python, or torchrun over NPROC
+# processes of this machine (NPROC=4 bash scriptskd/ss.sh; docs/distributed.md).
+BIDF_LAUNCH=(python)
+if [ "${NPROC:-1}" -gt 1 ]; then
+  BIDF_LAUNCH=(python -m torch.distributed.run --standalone --nproc_per_node "$NPROC")
+fi

@@ -6,8 +6,4 @@
 # NPROC=4 bash scriptskd/pretrain.sh ...   shards the pool over 4 processes (torchrun; one GPU each).
 set -eo pipefail
 . "$(dirname "$0")/env.sh"
-launch=(python)
-if [ "${NPROC:-1}" -gt 1 ]; then
-  launch=(python -m torch.distributed.run --standalone --nproc_per_node "$NPROC")
-fi
-exec "${launch[@]}" pretrain.py "$@"
+exec "${BIDF_LAUNCH[@]}" pretrain.py "$@"

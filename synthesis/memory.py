@@ -19,6 +19,7 @@ handed out again after resume and the file overwritten.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import deque
 
@@ -97,6 +98,20 @@ class TaskMemory:
 
     def can_sample(self, way: int, shot: int, query: int) -> bool:
         return len(self.eligible(shot + query)) >= way
+
+    def counts(self) -> "BatchCounts":
+        """The sizes of the batches held, per class, without the images (to plan a meta-batch)."""
+        sizes = {c: [b.shape[0] for _, b in buf] for c, buf in self._store.items()}
+        return BatchCounts(self.max_batch_per_class, sizes)
+
+    def digest(self) -> str:
+        """SHA-256 of the classes, their batches in order and the pixels: equal memories, equal digests."""
+        h = hashlib.sha256()
+        for c in self.classes:
+            for b in self.batches(c):
+                h.update(f"{c}:{tuple(b.shape)};".encode())
+                h.update(b.contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     # -- replay
     def sample_task(self, way: int, shot: int, query: int, rng: np.random.Generator) -> Task:
@@ -236,6 +251,25 @@ class TaskMemory:
                 buf.append((bid, images))
             store[int(c)] = buf
         self._store, self._next_id, self._on_disk = store, int(index["next_id"]), set(files)
+
+
+class BatchCounts:
+    """How many images each class's ring buffer would hold: TaskMemory's bookkeeping without the
+    pixels. A meta-batch's API visits are planned with it (each visit adds a support and a query
+    batch to each of its API's classes) before any of them runs, identically on every process."""
+
+    def __init__(self, max_batch_per_class: int, sizes: dict[int, list[int]]):
+        self._sizes = {c: deque(s, maxlen=max_batch_per_class) for c, s in sizes.items()}
+        self._maxlen = max_batch_per_class
+
+    def add(self, classes, *batch_sizes: int) -> None:
+        """One batch of each size, in order, for every class (as TaskMemory.add does per recovered set)."""
+        for n in batch_sizes:
+            for c in classes:
+                self._sizes.setdefault(int(c), deque(maxlen=self._maxlen)).append(int(n))
+
+    def can_sample(self, way: int, shot: int, query: int) -> bool:
+        return sum(sum(s) >= shot + query for s in self._sizes.values()) >= way
 
 
 def replay_capacity(max_batch_per_class: int, batch_sizes: tuple[int, ...]) -> int:

@@ -126,23 +126,29 @@ class APIPool:
 
     # -- drawing
     def draw(self, rng: np.random.Generator) -> BlackBoxAPI:
-        """A random API: SS one group; SH a random arch first; MH a random dataset, then arch."""
+        """A random API, opened (pick, then open)."""
+        return self.open(self.pick(rng))
+
+    def pick(self, rng: np.random.Generator) -> APIEntry:
+        """A random API's entry, nothing loaded: SS one group; SH a random arch first; MH a random
+        dataset, then arch. A meta-batch is planned with these before any API is opened."""
         d = self.datasets[int(rng.integers(len(self.datasets)))]
         archs = [a for a in self.archs if (d, a) in self.groups]
         a = archs[int(rng.integers(len(archs)))]
         entries = self.groups[(d, a)]
-        return self._open(entries[int(rng.integers(len(entries)))])
+        return entries[int(rng.integers(len(entries)))]
 
     def get(self, dataset: str, arch: str, index: int) -> BlackBoxAPI:
         """The API model_specific_<index> of one dataset/arch folder."""
         for e in self.groups.get((dataset, arch), []):
             if e.index == index:
-                return self._open(e)
+                return self.open(e)
         have = [e.index for e in self.groups.get((dataset, arch), [])]
         raise PoolError(f"no API {index} for {dataset}/{arch} in this pool (indices {have[:5]}"
                          f"{'...' if len(have) > 5 else ''})")
 
-    def _open(self, e: APIEntry) -> BlackBoxAPI:
+    def open(self, e: APIEntry) -> BlackBoxAPI:
+        """The queryable API of an entry (loaded now, or kept ready from an earlier draw)."""
         key = (e.dataset, e.arch, e.index)
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -158,8 +164,15 @@ class APIPool:
 
     @property
     def ready(self) -> list[tuple[str, str, int]]:
-        """The APIs held open, least recently used first (a resumed run reopens them in this order)."""
+        """The APIs held open, least recently used first."""
         return list(self._cache)
+
+    def add_queries(self, per_api: dict[str, int]) -> None:
+        """Count queries another process of the run made ({API key: queries}), so that every process
+        holds the run's total (the budget spans them all)."""
+        for key, n in per_api.items():
+            self.meter.total += int(n)
+            self.meter.per_api[key] = self.meter.per_api.get(key, 0) + int(n)
 
     # -- resume
     def state_dict(self) -> dict:

@@ -216,9 +216,7 @@ def test_replay_vmap_run_draws_the_same_tasks(demo_root, demo_pool, tmp_path, ex
     ck2, m2 = _run(demo_root, demo_pool, str(tmp_path / "vmap"), "--replay_vmap", *extra,
                    hook=lambda tr: _check_against_sequential(tr, seen))
     assert sum(seen) >= 6           # most of the 12 tasks were replays, checked batch by batch
-    # the same random draws, in the same order: numpy (tasks, APIs) and torch (augmentation, recovery)
-    assert ck1["numpy_rng"] == ck2["numpy_rng"]
-    assert torch.equal(ck1["torch_rng"], ck2["torch_rng"])
+    # the same tasks and APIs: every draw comes from (seed, task id), however the tasks are run
     for k in ("task", "api_visits", "api_queries"):
         assert ck1["state"][k] == ck2["state"][k], k
     assert [(r["split"], r["task"]) for r in m1] == [(r["split"], r["task"]) for r in m2]
