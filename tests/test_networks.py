@@ -68,6 +68,24 @@ def test_generator_upconv_equals_upsample_then_conv(memory_format):
             assert torch.allclose(a, b, rtol=0, atol=1e-11)
 
 
+def test_conv4_pools_before_its_relu_with_the_same_function_and_gradients():
+    """Conv4 blocks run max-pool then ReLU: outputs and parameter gradients equal those of the usual
+    ReLU-then-pool order (max commutes with the monotone ReLU), bit for bit."""
+    from torch import nn
+    torch.manual_seed(0)
+    model = network.build("conv4", 5, image_size=32, batch_stats=True)
+    usual = network.build("conv4", 5, image_size=32, batch_stats=True)
+    for block in usual.features:
+        block[2], block[3] = block[3], block[2]
+    assert isinstance(model.features[0][2], nn.MaxPool2d) and isinstance(usual.features[0][2], nn.ReLU)
+    usual.load_state_dict(model.state_dict())
+    x = torch.randn(10, 3, 32, 32)
+    outs = [m(x) for m in (model, usual)]
+    assert torch.equal(*outs)
+    grads = [torch.autograd.grad(o.square().sum(), list(m.parameters())) for o, m in zip(outs, (model, usual))]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_unknown_architecture_is_one_line_error():
     with pytest.raises(ValueError, match="unknown architecture 'vgg'"):
         network.build("vgg", 5)
