@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEVICE, ON_CPU, REPO, run_cli
+from conftest import DEVICE, ON_CPU, REPO, device_tol, run_cli
 
 from core.errors import CheckpointError
 from synthesis.memory import TaskMemory, batch_file
@@ -65,8 +65,12 @@ def test_lean_visit_first_order_and_no_inner_step_are_unchanged():
     for kw in ({"approx": True}, {"steps": 0}):
         full, g_full, _, _ = _visit(False, **kw)
         lean, g_lean, _, _ = _visit(True, **kw)
-        assert torch.equal(full.loss.detach(), lean.loss.detach())
-        assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-8) for a, b in zip(g_full, g_lean))
+        if ON_CPU:
+            assert torch.equal(full.loss.detach(), lean.loss.detach())
+        else:       # CUDA kernels may sum in another order from run to run (the recovered images too)
+            assert torch.allclose(full.loss.detach(), lean.loss.detach(), rtol=1e-4, atol=1e-6)
+        rtol, atol = device_tol(1e-6, 1e-4), device_tol(1e-8, 1e-6)
+        assert all(torch.allclose(a, b, rtol=rtol, atol=atol) for a, b in zip(g_full, g_lean))
 
 
 def test_lean_inner_loop_matches_finite_differences(device):
