@@ -118,7 +118,7 @@ def test_zo_same_result_for_any_numsplit(device):
                       "tensor's shape, so on numsplit")
 def test_zo_seeded_directions_do_not_depend_on_numsplit():
     x = torch.rand(6, 3, 8, 8, dtype=torch.float64)
-    # drawn here from a seed: on the CPU the directions do not depend on numsplit either
+    # drawn here from a seed: on the CPU the directions, hence the estimate, do not depend on numsplit
     by_seed = [zo_grad(smooth_loss, x, q=12, mu=1e-2, numsplit=s, generator=torch.Generator().manual_seed(3))[0]
                for s in (1, 3, 5)]
     for g in by_seed[1:]:
