@@ -64,6 +64,7 @@ def device() -> torch.device:
     """The device tests put their tensors, models and APIs on (BIDF_TEST_DEVICE, default cpu)."""
     return DEVICE
 
+
 DEMO_IMAGES_PER_CLASS = 60      # smaller than the default to keep the suite fast
 POOL_SIZE = 3
 POOL_EPOCHS = 8
