@@ -6,7 +6,7 @@ import torch
 from torch.func import functional_call
 
 import network
-from conftest import device_tol
+from conftest import ON_CPU, device_tol
 
 
 @pytest.mark.parametrize("size", [32, 84])
@@ -70,22 +70,24 @@ def test_generator_upconv_equals_upsample_then_conv(memory_format, device):
             assert torch.allclose(a, b, rtol=0, atol=device_tol(1e-11, 1e-10))
 
 
-def test_conv4_pools_before_its_relu_with_the_same_function_and_gradients():
+def test_conv4_pools_before_its_relu_with_the_same_function_and_gradients(device):
     """Conv4 blocks run max-pool then ReLU: outputs and parameter gradients equal those of the usual
     ReLU-then-pool order (max commutes with the monotone ReLU), bit for bit."""
     from torch import nn
     torch.manual_seed(0)
-    model = network.build("conv4", 5, image_size=32, batch_stats=True)
-    usual = network.build("conv4", 5, image_size=32, batch_stats=True)
+    model = network.build("conv4", 5, image_size=32, batch_stats=True).to(device)
+    usual = network.build("conv4", 5, image_size=32, batch_stats=True).to(device)
     for block in usual.features:
         block[2], block[3] = block[3], block[2]
     assert isinstance(model.features[0][2], nn.MaxPool2d) and isinstance(usual.features[0][2], nn.ReLU)
     usual.load_state_dict(model.state_dict())
-    x = torch.randn(10, 3, 32, 32)
+    x = torch.randn(10, 3, 32, 32, device=device)
     outs = [m(x) for m in (model, usual)]
     assert torch.equal(*outs)
     grads = [torch.autograd.grad(o.square().sum(), list(m.parameters())) for o, m in zip(outs, (model, usual))]
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    # cuDNN's weight gradients may sum in another order from one backward to the next
+    same = torch.equal if ON_CPU else (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-7))
+    assert all(same(a, b) for a, b in zip(*grads))
 
 
 def test_unknown_architecture_is_one_line_error():
