@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The checks to run on a machine with a GPU, in one go (docs/benchmarks.md):
-#   1. the test suite on CUDA (BIDF_TEST_DEVICE=cuda: the tests that honour it run their tensors there)
+#   1. the test suite on CUDA (BIDF_TEST_DEVICE=cuda: every device-independent test runs there; cpu_only
+#      tests skip, with their reason, in tests.log)
 #   2. every benchmark cell on CUDA, as the markdown tables of bench/RESULTS.md
 #   3. one whole API-SS visit at the paper's settings (32x32, 200 generator steps, q 100), not extrapolated
 #   4. the projected cost of a paper API-SS run on this GPU (python -m bench --estimate)
@@ -18,7 +19,7 @@ esac
 OUT=${GPU_CHECK_OUT:-bench/out/gpu}
 
 STEPS=(
-  "tests|env BIDF_TEST_DEVICE=cuda bash tests/run.sh"
+  "tests|env BIDF_TEST_DEVICE=cuda bash tests/run.sh -rs"
   "bench|python -m bench --device cuda --markdown --out $OUT/bench.json"
   "visit|python -m bench --device cuda --only kd --scales paper --sizes 32 --kd_steps 200 --out $OUT/visit.json --markdown"
   "estimate|python -m bench --device cuda --estimate --out $OUT/estimate.json -- --preset paper_ss"

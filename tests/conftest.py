@@ -23,6 +23,48 @@ from core.allocator import keep_freed_memory  # noqa: E402
 
 keep_freed_memory()     # as every entry point does (core/cli.py)
 
+# ------------------------------------------------------------------ the test device
+# BIDF_TEST_DEVICE=cuda runs the device-independent tests on the GPU (bench/gpu_check.sh); tests that
+# check what only holds on the CPU carry @pytest.mark.cpu_only(reason) and skip there.
+try:
+    DEVICE = torch.device(os.environ.get("BIDF_TEST_DEVICE") or "cpu")
+except RuntimeError as e:   # raised at import: pytest would bury it in a traceback
+    raise SystemExit(f"error: BIDF_TEST_DEVICE={os.environ['BIDF_TEST_DEVICE']!r} is not a torch device ({e})")
+ON_CPU = DEVICE.type == "cpu"
+if DEVICE.type == "cuda":   # float32 checks mean float32: cuDNN rounds convolutions to TF32 (10 bits) by default
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def device_tol(cpu: float, other: float) -> float:
+    """A tolerance that may be looser off the CPU (other kernels sum in other orders); the CPU's
+    stays as tight as it was."""
+    return cpu if ON_CPU else other
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cpu_only(reason): checks what holds on the CPU only; skipped, with the "
+                                       "reason, when BIDF_TEST_DEVICE is not the CPU")
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        pytest.exit(f"BIDF_TEST_DEVICE={DEVICE} but torch sees no CUDA device (torch {torch.__version__}, "
+                    f"CUDA build {torch.version.cuda}); unset it to test on the CPU", returncode=4)
+
+
+def pytest_collection_modifyitems(config, items):
+    if ON_CPU:
+        return
+    for item in items:
+        mark = item.get_closest_marker("cpu_only")
+        if mark is not None:
+            why = mark.args[0] if mark.args else mark.kwargs.get("reason", "CPU only")
+            item.add_marker(pytest.mark.skip(reason=f"cpu_only on {DEVICE}: {why}"))
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device tests put their tensors, models and APIs on (BIDF_TEST_DEVICE, default cpu)."""
+    return DEVICE
+
+
 DEMO_IMAGES_PER_CLASS = 60      # smaller than the default to keep the suite fast
 POOL_SIZE = 3
 POOL_EPOCHS = 8

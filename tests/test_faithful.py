@@ -13,6 +13,8 @@ from dataset.specs import DatasetSpec
 from synthesis import ZOConfig
 from synthesis.recover import recover
 
+from conftest import DEVICE
+
 STD = (0.2, 0.4, 0.8)           # distinct per channel: a pixel-space perturbation is then visibly anisotropic
 MEAN = (0.3, 0.5, 0.7)
 
@@ -27,10 +29,10 @@ class FakeAPI:
     def __init__(self, way: int = 3, size: int = 8, white_box: bool = False, seed: int = 0):
         self.spec = tiny_spec(size)
         self.classes = list(range(way))
-        self.device = torch.device("cpu")
+        self.device = DEVICE
         self.white_box = white_box
-        g = torch.Generator().manual_seed(seed)
-        self.w = torch.randn(way, 3 * size * size, generator=g) * 0.05
+        g = torch.Generator().manual_seed(seed)     # drawn on the CPU: the same weights on any device
+        self.w = (torch.randn(way, 3 * size * size, generator=g) * 0.05).to(DEVICE)
         self.calls: list[torch.Tensor] = []
 
     def logits(self, xn: torch.Tensor) -> torch.Tensor:
@@ -50,7 +52,7 @@ class CountingStudent:
     """A linear student on [0, 1] images that records the batch size of each call."""
 
     def __init__(self, way: int = 3, size: int = 8):
-        self.theta = (torch.randn(way, 3 * size * size, generator=torch.Generator().manual_seed(1)) * 0.05)
+        self.theta = (torch.randn(way, 3 * size * size, generator=torch.Generator().manual_seed(1)) * 0.05).to(DEVICE)
         self.theta.requires_grad_()
         self.sizes: list[int] = []
         self.grad_enabled: list[bool] = []
@@ -62,7 +64,7 @@ class CountingStudent:
 
 
 def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator(device=DEVICE).manual_seed(seed)
 
 
 # ------------------------------------------------------------------ boundary_student
@@ -109,7 +111,7 @@ def perturbation_norms(api: FakeAPI, n: int, q: int) -> tuple[torch.Tensor, torc
     clean, rest = api.calls[0], torch.cat(api.calls[1:])
     assert clean.shape[0] == n and rest.shape[0] == q * n
     diff = (rest.reshape(q, n, -1) - clean.reshape(1, n, -1)).reshape(q * n, *clean.shape[1:])
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=clean.device).view(1, 3, 1, 1)
     return diff.flatten(1).norm(dim=1), (diff * std).flatten(1).norm(dim=1)
 
 
@@ -120,7 +122,8 @@ def test_perturbations_have_radius_mu_in_the_chosen_space():
     in_norm, in_pixels = perturbation_norms(api, n, q)
     torch.testing.assert_close(in_norm, torch.full_like(in_norm, mu), rtol=2e-3, atol=0)
     assert not torch.allclose(in_pixels, torch.full_like(in_pixels, mu), rtol=0.05)
-    x01 = api.calls[0] * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+    std, mean = (torch.tensor(v, device=DEVICE).view(1, 3, 1, 1) for v in (STD, MEAN))
+    x01 = api.calls[0] * std + mean
     assert x01.min() > -1e-5 and x01.max() < 1 + 1e-5      # the clean call is a normalised [0, 1] image
 
     api = FakeAPI()
@@ -146,7 +149,7 @@ def test_estimate_is_the_gradient_of_the_augmented_image(zo_space, monkeypatch):
     recover(api, per_class, steps=1, zo=ZOConfig(q=q, mu=1e-3, numsplit=4), nz=8, generator=gen(2),
             zo_space=zo_space)
     x = seen["x"].double().requires_grad_()
-    target = torch.arange(3).repeat_interleave(per_class)
+    target = torch.arange(3, device=DEVICE).repeat_interleave(per_class)
     w = api.w.double()
     xn = normalize(x, MEAN, STD)
     F.cross_entropy(xn.flatten(1) @ w.t(), target, reduction="sum").backward()
@@ -178,7 +181,7 @@ def crop_flip_params(x: torch.Tensor, out: torch.Tensor, pad: int) -> list[set]:
 
 
 def test_batch_mode_draws_one_crop_and_flip_for_the_whole_batch():
-    x = torch.rand(16, 3, 8, 8)
+    x = torch.rand(16, 3, 8, 8, device=DEVICE)
     draws = set()
     for seed in range(12):
         found = crop_flip_params(x, random_crop_flip(x, pad=2, generator=gen(seed), per="batch"), pad=2)
@@ -227,7 +230,7 @@ def run_kd_task(monkeypatch, kd_augment: bool):
     monkeypatch.setattr(kd, "random_crop_flip", spy_aug)
     api = FakeAPI(size=16)
     torch.manual_seed(0)
-    model = build("conv4", 3, image_size=16, batch_stats=True)
+    model = build("conv4", 3, image_size=16, batch_stats=True).to(DEVICE)
     prep = MetaInput(16, 3, MEAN, STD)
     s = kd.KDSettings(num_sup_kd=2, num_qur_kd=3, inner_update_num_kd=1, generate_iterations=1,
                       zo=ZOConfig(q=2, numsplit=1), kd_augment=kd_augment)

@@ -24,12 +24,12 @@ from methods.maml import adapt, ce_loss, forward, kl_loss, meta_params
 
 
 @pytest.fixture
-def tiny_task():
+def tiny_task(device):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     xs, ys = torch.randn(6, 3, dtype=torch.double), torch.tensor([0, 1, 2, 0, 1, 2])
     xq, yq = torch.randn(9, 3, dtype=torch.double), torch.tensor([0, 1, 2] * 3)
-    return model, xs, ys, xq, yq
+    return tuple(t.to(device) for t in (model, xs, ys, xq, yq))     # drawn on the CPU: the same values anywhere
 
 
 def _outer(model, params, task, first_order=False, differentiable=True):
@@ -38,7 +38,7 @@ def _outer(model, params, task, first_order=False, differentiable=True):
     return ce_loss(forward(model, adapted, xq), yq), adapted
 
 
-def test_second_order_meta_gradient_matches_finite_differences(tiny_task):
+def test_second_order_meta_gradient_matches_finite_differences(tiny_task, device):
     model = tiny_task[0]
     params = meta_params(model)
     grad = torch.autograd.grad(_outer(model, params, tiny_task)[0], list(params.values()))
@@ -55,8 +55,9 @@ def test_second_order_meta_gradient_matches_finite_differences(tiny_task):
 
     eps = 1e-6
     fd = torch.tensor([(f(flat + eps * e) - f(flat - eps * e)) / (2 * eps)
-                       for e in torch.eye(len(flat), dtype=torch.double)], dtype=torch.double)
+                       for e in torch.eye(len(flat), dtype=torch.double, device=device)], dtype=torch.double)
     assert fd.abs().max() > 1e-3                     # a real gradient, not zeros
+    grad = grad.cpu()
     assert torch.allclose(grad, fd, atol=1e-7, rtol=1e-6), (grad - fd).abs().max()
 
 
@@ -82,9 +83,9 @@ def test_test_time_adaptation_builds_no_graph(tiny_task):
     assert all(v.grad_fn is None and not v.requires_grad for v in adapted.values())
 
 
-def test_kl_loss_is_a_proper_kl():
+def test_kl_loss_is_a_proper_kl(device):
     torch.manual_seed(0)
-    logits, other = torch.randn(7, 5), torch.randn(7, 5)
+    logits, other = torch.randn(7, 5, device=device), torch.randn(7, 5, device=device)
     p = torch.softmax(other, 1)
     want = (p * (p.log() - torch.log_softmax(logits, 1))).sum(1).mean()
     assert torch.allclose(kl_loss(logits, p), want, atol=1e-6)
@@ -94,7 +95,7 @@ def test_kl_loss_is_a_proper_kl():
 # ------------------------------------------------------------------ bi-level KD
 
 
-def test_kd_task_inner_loop_reduces_query_kl(demo_pool):
+def test_kd_task_inner_loop_reduces_query_kl(demo_pool, device):
     from dataset import get_spec
     from core.config import Config, visit_cost
     from methods.kd import KDSettings, kd_task
@@ -105,9 +106,9 @@ def test_kd_task_inner_loop_reduces_query_kl(demo_pool):
     spec = get_spec("demo")
     prep = MetaInput(spec.image_size, spec.channels, spec.mean, spec.std)
     torch.manual_seed(0)
-    pool = APIPool.load(demo_pool, "demo", "conv4", 5, 3, "cpu")
+    pool = APIPool.load(demo_pool, "demo", "conv4", 5, 3, device)
     api = pool.draw(np.random.default_rng(0))
-    model = build("conv4", 5, image_size=32, batch_stats=True)
+    model = build("conv4", 5, image_size=32, batch_stats=True).to(device)
     memory = TaskMemory(20, 32)
     s = KDSettings(num_sup_kd=4, num_qur_kd=4, inner_update_num_kd=10, inner_lr=0.01, generate_iterations=3,
                    zo=ZOConfig(q=4, mu=0.005, numsplit=2), adv=1.0, visit_threads=3)
@@ -123,7 +124,7 @@ def test_kd_task_inner_loop_reduces_query_kl(demo_pool):
     torch.set_num_threads(1)
     try:
         out = kd_task(model, meta_params(model), ThreadsSeen(), s, prep, boundary=True, memory=memory,
-                      generator=torch.Generator().manual_seed(0))
+                      generator=torch.Generator(device=device).manual_seed(0))
         assert seen == {3} and torch.get_num_threads() == 1      # --visit_threads during the visit only
     finally:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -288,9 +289,9 @@ def test_corrupt_checkpoint_is_one_line_and_kept(tiny_run, demo_root, demo_pool,
     assert os.path.getsize(os.path.join(out, "last.pth")) == 1000      # nothing overwritten
 
 
-def test_class_diversity_is_zero_for_a_collapsed_class_and_grows_with_spread():
+def test_class_diversity_is_zero_for_a_collapsed_class_and_grows_with_spread(device):
     from methods.kd import class_diversity
-    same = torch.full((4, 3, 8, 8), 0.5)
-    spread = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    div = class_diversity(torch.cat([same, spread]), torch.tensor([0] * 4 + [1] * 4))
+    same = torch.full((4, 3, 8, 8), 0.5, device=device)
+    spread = torch.rand(4, 3, 8, 8, device=device, generator=torch.Generator(device=device).manual_seed(0))
+    div = class_diversity(torch.cat([same, spread]), torch.tensor([0] * 4 + [1] * 4, device=device))
     assert div[0] == pytest.approx(0.0, abs=1e-6) and div[1] > 0.3      # uniform pixels: RMS gap ~0.41

@@ -12,6 +12,8 @@ import network
 from core.io import load_checkpoint
 from network import original
 
+from conftest import DEVICE
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.normpath(os.path.join(REPO, "..", "shared", "fixtures", "original-checkpoints"))
 POOLS = [("cifar100", "conv4"), ("miniimagenet", "conv4"), ("cifar100", "resnet10")]
@@ -51,12 +53,13 @@ def test_original_checkpoint_reproduces_probs(dataset, arch):
     assert original.is_original_checkpoint(ckpt)
     assert original.detect_arch(ckpt["teacher"]) == arch
     assert list(ckpt["specific"]) == ref["specific"].tolist()
+    x, want = ref["x_normalised"].to(DEVICE), ref["probs"].to(DEVICE)
     with torch.no_grad():
-        probs = torch.softmax(model(ref["x_normalised"]), dim=1)
-    assert (probs - ref["probs"]).abs().max() <= TOL
+        probs = torch.softmax(model.to(DEVICE)(x), dim=1)
+    assert (probs - want).abs().max() <= TOL
 
-    api = BlackBoxAPI(model, ckpt["specific"], spec, arch)      # batch-norm folded, fast path
-    assert (api(ref["x_normalised"]) - ref["probs"]).abs().max() <= TOL
+    api = BlackBoxAPI(model, ckpt["specific"], spec, arch, device=DEVICE)      # batch-norm folded, fast path
+    assert (api(x) - want).abs().max() <= TOL
     assert api.classes == ref["specific"].tolist()
 
 
@@ -71,9 +74,10 @@ def test_build_original_and_round_trip(dataset, arch):
     assert not model.training and classes == list(ckpt["specific"])
     ref = _reference(dataset, arch)
     with torch.no_grad():
-        assert (torch.softmax(model(ref["x_normalised"]), 1) - ref["probs"]).abs().max() <= TOL
+        probs = torch.softmax(model.to(DEVICE)(ref["x_normalised"].to(DEVICE)), 1)
+        assert (probs - ref["probs"].to(DEVICE)).abs().max() <= TOL
 
-    back = original.to_original(model.state_dict(), arch)
+    back = original.to_original(model.cpu().state_dict(), arch)
     assert set(back) == set(ckpt["teacher"])
     assert all(torch.equal(back[k], v) for k, v in ckpt["teacher"].items())
 
@@ -88,8 +92,8 @@ def test_resnet_stem_relu_is_not_the_original():
     model, _, _ = _loaded("cifar100", "resnet10", stem_relu=True)
     ref = _reference("cifar100", "resnet10")
     with torch.no_grad():
-        probs = torch.softmax(model(ref["x_normalised"]), dim=1)
-    assert (probs - ref["probs"]).abs().max() > 1e-3
+        probs = torch.softmax(model.to(DEVICE)(ref["x_normalised"].to(DEVICE)), dim=1)
+    assert (probs - ref["probs"].to(DEVICE)).abs().max() > 1e-3
 
 
 @needs_fixtures
@@ -177,11 +181,11 @@ def test_init_original_leaves_linear_layers_alone():
 
 
 @pytest.mark.parametrize("arch", ["resnet34", "resnet50", "resnet101"])
-def test_deep_resnets_forward(arch):
+def test_deep_resnets_forward(arch, device):
     torch.manual_seed(0)
-    model = network.build(arch, 5)
+    model = network.build(arch, 5).to(device)
     with torch.no_grad():
-        out = model(torch.rand(2, 3, 32, 32))
+        out = model(torch.rand(2, 3, 32, 32, device=device))
     assert out.shape == (2, 5) and torch.isfinite(out).all()
     width = 512 if arch == "resnet34" else 2048
     assert model.head.in_features == width
@@ -195,11 +199,11 @@ def test_deep_resnets_forward(arch):
 def test_original_pool_serves_the_reference_probabilities(dataset, arch):
     """An original pool folder is an API pool as it is: the black-box API gives the reference outputs."""
     from synthesis import APIPool
-    pool = APIPool.load(os.path.join(FIXTURES, "pool"), dataset, arch, 5, 1, "cpu", say=lambda m: None)
+    pool = APIPool.load(os.path.join(FIXTURES, "pool"), dataset, arch, 5, 1, DEVICE, say=lambda m: None)
     api = pool.get(dataset, arch, 0)
     ref = _reference(dataset, arch)
     assert api.classes == [int(c) for c in ref["specific"]]
-    assert torch.allclose(api(ref["x_normalised"]), ref["probs"], atol=TOL, rtol=0)
+    assert torch.allclose(api(ref["x_normalised"].to(DEVICE)), ref["probs"].to(DEVICE), atol=TOL, rtol=0)
 
 
 @needs_fixtures
@@ -213,7 +217,7 @@ def test_original_file_of_another_arch_is_one_line(tmp_path):
     os.makedirs(folder)
     shutil.copy(_api_file("cifar100", "resnet10"), os.path.join(folder, "model_specific_0.pth"))
     with pytest.raises(PoolError, match=r"model_specific_0\.pth .*holding a resnet10, not a conv4") as e:
-        APIPool.load(str(tmp_path), "cifar100", "conv4", 5, 1, "cpu", say=lambda m: None)
+        APIPool.load(str(tmp_path), "cifar100", "conv4", 5, 1, DEVICE, say=lambda m: None)
     assert "\n" not in str(e.value)
 
 

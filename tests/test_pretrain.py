@@ -74,7 +74,7 @@ def test_pool_files_summary_and_accuracy(demo_pool):
     assert len({tuple(r["classes"]) for r in rows}) == n
 
 
-def test_saved_weights_score_the_stored_accuracy(demo_pool, demo_root):
+def test_saved_weights_score_the_stored_accuracy(demo_pool, demo_root, device):
     """Reloading an API and validating it reproduces its stored accuracy (catches 'best' kept as a
     reference to the live weights, which saves the last epoch under the best epoch's accuracy)."""
     data = load_split(demo_root, SPEC, "meta_train")
@@ -82,16 +82,19 @@ def test_saved_weights_score_the_stored_accuracy(demo_pool, demo_root):
         ckpt = load_ckpt(demo_pool, i)
         model = network.build("conv4", 5, channels=3, image_size=32)
         model.load_state_dict(ckpt["state_dict"])
-        d = pa.api_data(data, ckpt["classes"], torch.device("cpu"))
+        d = pa.api_data(data, ckpt["classes"], device)
         assert len(d.val_x) == 5 * 12
-        assert pa.evaluate(model, d.val_x, d.val_y, SPEC) == pytest.approx(ckpt["val_acc"], abs=1e-9)
+        # pretrain.py scored it under torch's defaults (on CUDA, TF32 convolutions): score it the same way
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+            acc = pa.evaluate(model.to(device), d.val_x, d.val_y, SPEC)
+        assert acc == pytest.approx(ckpt["val_acc"], abs=1e-9)
 
 
-def test_best_epoch_weights_are_a_copy(monkeypatch):
+def test_best_epoch_weights_are_a_copy(monkeypatch, device):
     """train_api returns the weights of the best validation epoch, not those of the last one."""
     torch.manual_seed(0)
-    d = pa.APIData(torch.rand(20, 3, 32, 32), torch.arange(20) % 5, torch.rand(10, 3, 32, 32),
-                   torch.arange(10) % 5, SPEC)
+    d = pa.APIData(torch.rand(20, 3, 32, 32, device=device), torch.arange(20, device=device) % 5,
+                   torch.rand(10, 3, 32, 32, device=device), torch.arange(10, device=device) % 5, SPEC)
     after_epoch = []
     real_epoch = pa.train_epoch
 
@@ -156,15 +159,15 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_resnet10_api_trains_one_epoch(demo_root):
+def test_resnet10_api_trains_one_epoch(demo_root, device):
     """A resnet10 API on 32x32 demo images: one SGD epoch runs and its weights load into a fresh
     resnet10 (in-process on 8 images per class to keep the test quick; the CLI path is arch-agnostic)."""
     data = load_split(demo_root, SPEC, "meta_train")
-    d = pa.api_data(data, pa.api_classes(0, 0, 64, 5), torch.device("cpu"))
+    d = pa.api_data(data, pa.api_classes(0, 0, 64, 5), device)
     keep = torch.cat([torch.nonzero(d.train_y == c)[:8, 0] for c in range(5)])
     d = pa.APIData(d.train_x[keep], d.train_y[keep], d.val_x, d.val_y, SPEC)
     state, acc, best_epoch = pa.train_api("resnet10", 5, d, epochs=1, batch_size=16, lr=None, seed=0)
-    model = network.build("resnet10", 5, channels=3, image_size=32)
+    model = network.build("resnet10", 5, channels=3, image_size=32).to(device)
     model.load_state_dict(state)
     assert best_epoch == 0 and 0.0 <= acc <= 100.0
     assert model.eval()(d.val_x[:2]).shape == (2, 5)
@@ -180,9 +183,12 @@ def test_resnet10_api_trains_one_epoch(demo_root):
 
 def test_torchrun_two_processes_shard_the_pool(demo_root, demo_pool, tmp_path):
     prefix = str(tmp_path / "pool")
+    env = {"OMP_NUM_THREADS": "1"}
+    if torch.cuda.device_count() == 1:      # one GPU per process: with one, the two shard the CPU instead
+        env["CUDA_VISIBLE_DEVICES"] = ""
     run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "pretrain.py",
              "--dataset", "demo", "--APInum", "4", "--epochs", "1", "--data_root", demo_root,
-             "--pretrained_path_prefix", prefix, "--no_tensorboard"], env_extra={"OMP_NUM_THREADS": "1"})
+             "--pretrained_path_prefix", prefix, "--no_tensorboard"], env_extra=env)
     folder = pool_folder(prefix)
     rows = json.load(open(os.path.join(folder, "pool.json")))
     assert [r["index"] for r in rows] == [0, 1, 2, 3]

@@ -20,7 +20,7 @@ from synthesis.memory import check_replay_flags
 from synthesis.store import pool_dir
 from synthesis.recover import affine_normalizer, recover
 
-from conftest import run_cli
+from conftest import DEVICE, run_cli
 
 DEMO = get_spec("demo")
 
@@ -47,7 +47,7 @@ def cosine(a, b):
 def smooth_loss(x):
     """Per-image logistic + quadratic loss with a known autograd gradient."""
     f = x.flatten(1)
-    w = torch.linspace(-1, 1, f.shape[1], dtype=f.dtype)
+    w = torch.linspace(-1, 1, f.shape[1], dtype=f.dtype, device=f.device)
     return F.softplus(-(f * w).sum(1)) + 0.3 * (f ** 2).sum(1)
 
 
@@ -57,19 +57,20 @@ def true_grad(x):
     return x.grad
 
 
-def test_zo_aligns_with_true_gradient_in_low_dimension():
-    x = torch.randn(4, 1, 4, 4)                     # d = 16
-    g, loss = zo_grad(smooth_loss, x, q=4000, mu=1e-3, numsplit=4, generator=torch.Generator().manual_seed(0))
+def test_zo_aligns_with_true_gradient_in_low_dimension(device):
+    x = torch.randn(4, 1, 4, 4, device=device)      # d = 16
+    g, loss = zo_grad(smooth_loss, x, q=4000, mu=1e-3, numsplit=4,
+                      generator=torch.Generator(device=device).manual_seed(0))
     assert g.shape == x.shape
     torch.testing.assert_close(loss, smooth_loss(x))
     assert (cosine(g, true_grad(x)) > 0.9).all()
 
 
-def test_zo_is_unbiased_on_average():
+def test_zo_is_unbiased_on_average(device):
     # 400 independent estimates (q = 20 each) of one image's gradient: each is noisy (cosine well below 1),
     # their mean is close to the true gradient (relative error ~ sqrt(d / (400 q)) ~ 0.05).
-    x = torch.randn(1, 1, 3, 4).expand(400, 1, 3, 4).contiguous()      # d = 12
-    g, _ = zo_grad(smooth_loss, x, q=20, mu=1e-3, numsplit=1, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(1, 1, 3, 4, device=device).expand(400, 1, 3, 4).contiguous()      # d = 12
+    g, _ = zo_grad(smooth_loss, x, q=20, mu=1e-3, numsplit=1, generator=torch.Generator(device=device).manual_seed(1))
     tg = true_grad(x[:1])[0]
     assert cosine(g, tg.expand_as(g)).mean() < 0.95           # single estimates are noisy...
     rel = (g.mean(0) - tg).norm() / tg.norm()
@@ -77,31 +78,31 @@ def test_zo_is_unbiased_on_average():
 
 
 @pytest.mark.parametrize("q,numsplit", [(7, 1), (7, 3), (10, 5), (3, 8)])
-def test_zo_costs_q_plus_one_queries_per_image(q, numsplit):
+def test_zo_costs_q_plus_one_queries_per_image(q, numsplit, device):
     seen = []
 
     def loss_of(x):
         seen.append(x.shape[0])
         return x.flatten(1).sum(1)
-    x = torch.rand(6, 3, 4, 4)
+    x = torch.rand(6, 3, 4, 4, device=device)
     zo_grad(loss_of, x, q=q, mu=0.01, numsplit=numsplit)
     assert sum(seen) == (q + 1) * 6
     assert seen[0] == 6 and all(n % 6 == 0 for n in seen)      # whole copies of the batch per call
 
 
-def test_zo_through_the_api_counts_exactly():
-    api = BlackBoxAPI(random_model("conv4"), range(5), DEMO, "conv4")
-    target = torch.arange(5).repeat(2)
-    x = torch.rand(10, 3, 32, 32)
-    zo_grad(lambda xs: -torch.log(api(xs)[torch.arange(len(xs)), target.repeat(len(xs) // 10)]),
+def test_zo_through_the_api_counts_exactly(device):
+    api = BlackBoxAPI(random_model("conv4"), range(5), DEMO, "conv4", device=device)
+    target = torch.arange(5, device=device).repeat(2)
+    x = torch.rand(10, 3, 32, 32, device=device)
+    zo_grad(lambda xs: -torch.log(api(xs)[torch.arange(len(xs), device=device), target.repeat(len(xs) // 10)]),
             x, q=9, mu=0.005, numsplit=4)
     assert api.queries == (9 + 1) * 10
 
 
-def test_zo_same_result_for_any_numsplit():
+def test_zo_same_result_for_any_numsplit(device):
     # float64: float32 rounding of L, amplified by d / (q mu) in the finite differences, would blur the check
-    x = torch.rand(6, 3, 8, 8, dtype=torch.float64)
-    dirs = torch.randn(12, 6, 3, 8, 8, dtype=torch.float64)
+    x = torch.rand(6, 3, 8, 8, dtype=torch.float64, device=device)
+    dirs = torch.randn(12, 6, 3, 8, 8, dtype=torch.float64, device=device)
     ref, l0 = zo_grad(smooth_loss, x, q=12, mu=1e-2, numsplit=1, directions=dirs)
     for s in (3, 5):
         g, l1 = zo_grad(smooth_loss, x, q=12, mu=1e-2, numsplit=s, directions=dirs)
@@ -111,7 +112,13 @@ def test_zo_same_result_for_any_numsplit():
     g_cl, _ = zo_grad(smooth_loss, x.contiguous(memory_format=torch.channels_last), q=12, mu=1e-2,
                       numsplit=5, directions=dirs)
     torch.testing.assert_close(g_cl, ref, rtol=1e-9, atol=1e-9)
-    # drawn here from a seed: on the CPU the directions do not depend on numsplit either
+
+
+@pytest.mark.cpu_only("torch fills CPU normals in aligned blocks of 16; elsewhere a seed's draws depend on the "
+                      "tensor's shape, so on numsplit")
+def test_zo_seeded_directions_do_not_depend_on_numsplit():
+    x = torch.rand(6, 3, 8, 8, dtype=torch.float64)
+    # drawn here from a seed: on the CPU the directions, hence the estimate, do not depend on numsplit
     by_seed = [zo_grad(smooth_loss, x, q=12, mu=1e-2, numsplit=s, generator=torch.Generator().manual_seed(3))[0]
                for s in (1, 3, 5)]
     for g in by_seed[1:]:
@@ -120,26 +127,26 @@ def test_zo_same_result_for_any_numsplit():
                                                   generator=torch.Generator().manual_seed(4))[0])
 
 
-def test_surrogate_hands_the_estimate_to_autograd():
-    x = torch.rand(5, 3, 4, 4, requires_grad=True)
-    g = torch.randn(5, 3, 4, 4)
+def test_surrogate_hands_the_estimate_to_autograd(device):
+    x = torch.rand(5, 3, 4, 4, device=device, requires_grad=True)
+    g = torch.randn(5, 3, 4, 4, device=device)
     (dx,) = torch.autograd.grad(surrogate(x, g), x)
     torch.testing.assert_close(dx, g / 5)
 
 
 # ----------------------------------------------------------------------------- the black box
 
-def test_black_box_returns_probabilities_without_autograd_history():
-    api = BlackBoxAPI(random_model("conv4"), [3, 9, 11, 20, 40], DEMO, "conv4")
-    x = torch.randn(7, 3, 32, 32, requires_grad=True)
+def test_black_box_returns_probabilities_without_autograd_history(device):
+    api = BlackBoxAPI(random_model("conv4"), [3, 9, 11, 20, 40], DEMO, "conv4", device=device)
+    x = torch.randn(7, 3, 32, 32, device=device, requires_grad=True)
     p = api(x)
     assert p.shape == (7, 5) and not p.requires_grad and p.grad_fn is None
-    torch.testing.assert_close(p.sum(1), torch.ones(7))
+    torch.testing.assert_close(p.sum(1), torch.ones(7, device=device))
     with pytest.raises(RuntimeError):
         p.sum().backward()
     assert x.grad is None
     # later differentiable use of the answer (e.g. a KL to a student) works: it is an ordinary tensor
-    s = torch.randn(7, 5, requires_grad=True)
+    s = torch.randn(7, 5, device=device, requires_grad=True)
     (p * F.log_softmax(s, 1)).sum().backward()
     assert s.grad is not None
     # nothing public leads to the weights
@@ -147,38 +154,47 @@ def test_black_box_returns_probabilities_without_autograd_history():
     assert not any(isinstance(v, (nn.Module, torch.Tensor)) for v in vars(api).values())
 
 
-def test_white_box_api_lets_gradients_reach_the_images_only():
-    api = BlackBoxAPI(random_model("conv4"), range(5), DEMO, "conv4", white_box=True)
-    x = torch.randn(4, 3, 32, 32, requires_grad=True)
+def test_white_box_api_lets_gradients_reach_the_images_only(device):
+    api = BlackBoxAPI(random_model("conv4"), range(5), DEMO, "conv4", white_box=True, device=device)
+    x = torch.randn(4, 3, 32, 32, device=device, requires_grad=True)
     api(x)[:, 0].sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
-def test_queries_counted_and_budget_enforced():
-    api = BlackBoxAPI(random_model("conv4"), range(5), DEMO, "conv4", budget=10)
-    api(torch.rand(6, 3, 32, 32))
+def test_queries_counted_and_budget_enforced(device):
+    api = BlackBoxAPI(random_model("conv4"), range(5), DEMO, "conv4", budget=10, device=device)
+    api(torch.rand(6, 3, 32, 32, device=device))
     assert api.queries == 6
     with pytest.raises(QueryBudgetExceeded) as e:
-        api(torch.rand(5, 3, 32, 32))
+        api(torch.rand(5, 3, 32, 32, device=device))
     msg = str(e.value)
     assert "budget of 10" in msg and "\n" not in msg and isinstance(e.value, Exception)
     assert api.queries == 6                         # the refused call was not served
     with pytest.raises(ValueError, match=r"\[B, 3, 32, 32\]"):
-        api(torch.rand(2, 3, 28, 28))
+        api(torch.rand(2, 3, 28, 28, device=device))
 
 
 @pytest.mark.parametrize("arch", ["conv4", "resnet10"])
-def test_fast_api_equals_plain_eval_model(arch):
+def test_fast_api_equals_plain_eval_model(arch, device):
+    model = random_model(arch).to(device)
+    x = torch.randn(70, 3, 32, 32, device=device)
+    with torch.no_grad():
+        ref = F.softmax(model(x), 1)
+    api = BlackBoxAPI(model, range(5), DEMO, arch, micro_batch=32, device=device)   # 70 = 32 + 32 + 6: splitting
+    torch.testing.assert_close(api(x), ref, rtol=1e-4, atol=1e-5)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())     # a copy was folded, not the model
+
+
+@pytest.mark.cpu_only("the dense channels-last path without oneDNN is the CPU's")
+@pytest.mark.parametrize("arch", ["conv4", "resnet10"])
+def test_dense_cpu_api_equals_plain_eval_model(arch):
     model = random_model(arch)
     x = torch.randn(70, 3, 32, 32)
     with torch.no_grad():
         ref = F.softmax(model(x), 1)
-    api = BlackBoxAPI(model, range(5), DEMO, arch, micro_batch=32)   # 70 = 32 + 32 + 6: exercises splitting
-    torch.testing.assert_close(api(x), ref, rtol=1e-4, atol=1e-5)
     dense = inference_forward(model, "cpu", mkldnn=False, micro_batch=None, example=x[:2])
     with torch.no_grad():
         torch.testing.assert_close(F.softmax(dense(x), 1), ref, rtol=1e-4, atol=1e-5)
-    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())     # a copy was folded, not the model
 
 
 # ----------------------------------------------------------------------------- the pool
@@ -198,23 +214,23 @@ def test_pool_ss_uses_what_exists_and_says_so_once(tmp_path):
     for i in range(3):
         save_fake_api(prefix, "demo", "conv4", i, range(5 * i, 5 * i + 5))
     notes = []
-    pool = APIPool.load(prefix, "demo", "conv4", 5, 100, "cpu", say=notes.append)
+    pool = APIPool.load(prefix, "demo", "conv4", 5, 100, DEVICE, say=notes.append)
     assert len(pool) == 3 and len(notes) == 1 and "--APInum 100" in notes[0] and "using those 3" in notes[0]
     rng = np.random.default_rng(0)
     drawn = {tuple(pool.draw(rng).classes) for _ in range(20)}
     assert drawn == {tuple(range(5 * i, 5 * i + 5)) for i in range(3)}
     assert pool.classes == list(range(15))
     api = pool.get("demo", "conv4", 1)
-    api(torch.rand(4, 3, 32, 32)); pool.get("demo", "conv4", 2)(torch.rand(3, 3, 32, 32))
+    api(torch.rand(4, 3, 32, 32, device=DEVICE)); pool.get("demo", "conv4", 2)(torch.rand(3, 3, 32, 32, device=DEVICE))
     assert api.queries == 4 and pool.queries == 7
-    assert len(APIPool.load(prefix, "demo", "conv4", 5, 2, "cpu", say=notes.append)) == 2 and len(notes) == 1
+    assert len(APIPool.load(prefix, "demo", "conv4", 5, 2, DEVICE, say=notes.append)) == 2 and len(notes) == 1
 
 
 def test_pool_sh_and_mh_draw_rules(tmp_path):
     prefix = str(tmp_path)
     for arch in ("conv4", "resnet10", "resnet18"):
         save_fake_api(prefix, "demo", arch, 0, [1, 2, 3, 4, 5])
-    sh = APIPool.load(prefix, "demo", "mix", 5, 1, "cpu", cache_size=3)
+    sh = APIPool.load(prefix, "demo", "mix", 5, 1, DEVICE, cache_size=3)
     rng = np.random.default_rng(0)
     archs = [sh.draw(rng).arch for _ in range(30)]
     assert set(archs) == {"conv4", "resnet10", "resnet18"}
@@ -223,14 +239,14 @@ def test_pool_sh_and_mh_draw_rules(tmp_path):
     for d, classes in raw.items():
         for arch in ("conv4", "resnet10", "resnet18"):
             save_fake_api(prefix, d, arch, 0, classes)
-    mh = APIPool.load(prefix, "mix", "mix", 5, 1, "cpu", cache_size=9)
+    mh = APIPool.load(prefix, "mix", "mix", 5, 1, DEVICE, cache_size=9)
     seen = set()
     for _ in range(30):
         api = mh.draw(rng)
         seen.add((api.spec.name, api.arch))
         lo = {"cifar100": 0, "miniimagenet": 64, "cub": 128}[api.spec.name]
         assert api.classes == [lo + c for c in raw[api.spec.name]]     # moved into the 228-class space
-        assert api(torch.rand(2, 3, api.spec.image_size, api.spec.image_size)).shape == (2, 5)
+        assert api(torch.rand(2, 3, api.spec.image_size, api.spec.image_size, device=DEVICE)).shape == (2, 5)
     assert {d for d, _ in seen} == {"cifar100", "miniimagenet", "cub"} and len(seen) >= 7
 
 
@@ -238,7 +254,7 @@ def test_missing_pool_names_the_pretrain_command(tmp_path):
     prefix = str(tmp_path)
     save_fake_api(prefix, "demo", "conv4", 0, range(5))
     with pytest.raises(DataError) as e:
-        APIPool.load(prefix, "demo", "mix", 5, 10, "cpu", say=lambda m: None)
+        APIPool.load(prefix, "demo", "mix", 5, 10, DEVICE, say=lambda m: None)
     msg = str(e.value)
     assert "\n" not in msg
     for arch in ("resnet10", "resnet18"):
@@ -250,7 +266,7 @@ def test_missing_pool_names_the_pretrain_command(tmp_path):
 # ----------------------------------------------------------------------------- inversion
 
 def target_acc(api, images, labels):
-    norm = affine_normalizer(api.spec.mean, api.spec.std, api.spec.image_size, "cpu")
+    norm = affine_normalizer(api.spec.mean, api.spec.std, api.spec.image_size, api.device)
     return 100.0 * int((api(norm(images)).argmax(1) == labels).sum()) / len(labels)     # exact: 18/20 is 90.0
 
 
@@ -262,11 +278,11 @@ WHITE_BOX_BAR, ZO_BAR = 90.0, 80.0
 
 
 def test_inversion_white_box_recovers_target_classes(demo_pool):
-    pool = APIPool.load(demo_pool, "demo", "conv4", 5, 3, "cpu", white_box=True)
+    pool = APIPool.load(demo_pool, "demo", "conv4", 5, 3, DEVICE, white_box=True)
     api = pool.get("demo", "conv4", 0)
     torch.manual_seed(0)
     stats = {}
-    x, y = recover(api, 4, steps=20, zo=None, generator=torch.Generator().manual_seed(0), stats=stats)
+    x, y = recover(api, 4, steps=20, zo=None, generator=torch.Generator(device=DEVICE).manual_seed(0), stats=stats)
     assert x.shape == (20, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
     assert y.tolist() == [c for c in range(5) for _ in range(4)]
     assert api.queries == 20 * 20
@@ -275,11 +291,11 @@ def test_inversion_white_box_recovers_target_classes(demo_pool):
 
 
 def test_inversion_zero_order_recovers_target_classes(demo_pool):
-    pool = APIPool.load(demo_pool, "demo", "conv4", 5, 3, "cpu")
+    pool = APIPool.load(demo_pool, "demo", "conv4", 5, 3, DEVICE)
     api = pool.get("demo", "conv4", 1)
     torch.manual_seed(0)
     x, y = recover(api, 4, steps=20, zo=ZOConfig(q=20, mu=0.005, numsplit=2),
-                   generator=torch.Generator().manual_seed(0))
+                   generator=torch.Generator(device=DEVICE).manual_seed(0))
     assert api.queries == 20 * 20 * (20 + 1)
     assert target_acc(api, x, y) >= ZO_BAR
     with pytest.raises(ValueError, match="white_box=True"):
@@ -287,12 +303,12 @@ def test_inversion_zero_order_recovers_target_classes(demo_pool):
 
 
 @pytest.mark.parametrize("boundary_student", ["clean", "perturbed"])
-def test_recover_leaves_a_students_graph_alone(boundary_student):
-    api = BlackBoxAPI(random_model("conv4"), range(5), DEMO, "conv4", white_box=True)
-    theta = (torch.randn(5, 3 * 32 * 32) * 0.01).requires_grad_()
+def test_recover_leaves_a_students_graph_alone(boundary_student, device):
+    api = BlackBoxAPI(random_model("conv4"), range(5), DEMO, "conv4", white_box=True, device=device)
+    theta = (torch.randn(5, 3 * 32 * 32, device=device) * 0.01).requires_grad_()
     student = lambda x01: x01.flatten(1) @ theta.t()        # noqa: E731 (f_theta', part of a graph)
     recover(api, 2, steps=2, zo=None, student=student, adv=1.0, boundary_student=boundary_student)
-    recover(BlackBoxAPI(random_model("conv4"), range(5), DEMO, "conv4"), 2, steps=2,
+    recover(BlackBoxAPI(random_model("conv4"), range(5), DEMO, "conv4", device=device), 2, steps=2,
             zo=ZOConfig(q=3, numsplit=2), student=student, adv=1.0, boundary_student=boundary_student)
     assert theta.grad is None
 
@@ -316,8 +332,9 @@ def test_cli_inverts_one_api_and_saves_a_grid(demo_pool, tmp_path):
 # ----------------------------------------------------------------------------- task memory
 
 def class_images(c: int, n: int, size: int = 32, batch: int = 0) -> torch.Tensor:
-    """n images whose channel 0 encodes the class id and channel 1 the batch number (exact in 8 bits)."""
-    x = torch.zeros(n, 3, size, size)
+    """n images whose channel 0 encodes the class id and channel 1 the batch number (exact in 8 bits);
+    made on the test device, as a visit's are (the memory keeps them on the CPU)."""
+    x = torch.zeros(n, 3, size, size, device=DEVICE)
     x[:, 0] = c / 255.0
     x[:, 1] = batch / 255.0
     return x

@@ -18,6 +18,8 @@ from methods.maml import (_ElementwiseBatchNorm, accuracy_after_adapt, adapt, ce
 from methods.replay import replay_task, replay_tasks
 from network import build
 
+from conftest import DEVICE
+
 SIZE = 32
 
 
@@ -27,15 +29,15 @@ def _prep(x):
 
 def _model(dtype, way=5, seed=0):
     torch.manual_seed(seed)
-    return build("conv4", way, image_size=SIZE, batch_stats=True).to(dtype=dtype, memory_format=torch.channels_last)
+    return build("conv4", way, image_size=SIZE, batch_stats=True).to(DEVICE, dtype, memory_format=torch.channels_last)
 
 
 def _tasks(n, way, shot, query, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)     # drawn on the CPU, then moved: the same images on any device
     rel = torch.arange(way)
     return [Task(torch.rand(way * shot, 3, SIZE, SIZE, generator=g, dtype=dtype), rel.repeat_interleave(shot),
                  torch.rand(way * query, 3, SIZE, SIZE, generator=g, dtype=dtype), rel.repeat_interleave(query),
-                 np.arange(way)) for _ in range(n)]
+                 np.arange(way)).to(DEVICE) for _ in range(n)]
 
 
 def _seq_logits(model, params, t, steps, lr, way):
@@ -44,9 +46,10 @@ def _seq_logits(model, params, t, steps, lr, way):
         return forward(model, adapted, _prep(t.query_x), way)
 
 
-def test_elementwise_batch_norm_matches_torch():
+def test_elementwise_batch_norm_matches_torch(device):
     torch.manual_seed(0)
     x, w, b = torch.randn(6, 4, 5, 5, dtype=torch.double), torch.randn(4, dtype=torch.double), torch.randn(4, dtype=torch.double)
+    x, w, b = x.to(device), w.to(device), b.to(device)
     with _ElementwiseBatchNorm():
         mine = F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
     assert torch.allclose(mine, F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5), atol=1e-12)
@@ -68,9 +71,9 @@ def test_vmapped_evaluation_equals_one_task_at_a_time(dtype):
         top2 = ls.topk(2, dim=-1).values
         assert ((top2[:, 0] - top2[:, 1])[differ] < 1e-5).all()    # only logits that tie may disagree
         assert torch.equal(y, t.query_y)
-    seq = evaluate(model, params, tasks, steps, lr, _prep, way, "cpu")
+    seq = evaluate(model, params, tasks, steps, lr, _prep, way, DEVICE)
     for chunk in (3, 7, 50):        # a remainder chunk, one chunk, fewer tasks than the chunk
-        mean, ci = evaluate(model, params, iter(tasks), steps, lr, _prep, way, "cpu", chunk=chunk)
+        mean, ci = evaluate(model, params, iter(tasks), steps, lr, _prep, way, DEVICE, chunk=chunk)
         assert mean == pytest.approx(seq[0], abs=1e-9) and ci == pytest.approx(seq[1], abs=1e-9)
 
 
@@ -83,8 +86,8 @@ def test_vmapped_evaluation_per_task_accuracies_and_mixed_shapes():
     seq = [accuracy_after_adapt(model, params, t, 3, 0.01, _prep, way) for t in tasks]
     assert accuracies_vmapped(model, params, tasks[:3], 3, 0.01, _prep, way) == seq[:3]
     # shapes change inside the stream: cut into chunks of equal shapes
-    assert evaluate(model, params, tasks, 3, 0.01, _prep, way, "cpu", chunk=4) == \
-        pytest.approx(evaluate(model, params, tasks, 3, 0.01, _prep, way, "cpu"), abs=1e-9)
+    assert evaluate(model, params, tasks, 3, 0.01, _prep, way, DEVICE, chunk=4) == \
+        pytest.approx(evaluate(model, params, tasks, 3, 0.01, _prep, way, DEVICE), abs=1e-9)
 
 
 # ------------------------------------------------------------------ replay meta-batch
