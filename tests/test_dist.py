@@ -21,7 +21,9 @@ from synthesis.memory import BatchCounts, TaskMemory
 
 REF = ("--episode_train", "24", "--val_interval", "8", "--save_interval", "8")
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "main.py"]
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}   # what torchrun gives each of 2 processes on 2 cores: same kernels
+# What torchrun gives each of 2 processes on 2 cores (same kernels in both runs); gloo on the CPU even on
+# a GPU machine (two processes would need two GPUs), so the compared runs share a device.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def _trace(folder: str) -> dict[int, list[dict]]:
