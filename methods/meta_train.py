@@ -144,6 +144,7 @@ class LoopState:
     best_batch_acc: float | None = None
     api_visits: int = 0
     api_queries: int = 0            # queries spent (as of the checkpoint)
+    recovery_steps: int = 0         # generator steps of all visits
     budget_note: bool = False
     wall_seconds: float = 0.0
     evals: int = 0
@@ -241,6 +242,10 @@ class Trainer:
                              f"(~{visit_cost(cfg)} queries with these flags); raise it or lower --generate_iterations/--q")
         self.memory = TaskMemory(cfg.max_batch_per_class, image_size=self.prep.size)
         self.kd = settings(KDSettings, cfg, zo=settings(ZOConfig, cfg) if cfg.ZO else None)
+        self.meta_generator = None
+        if cfg.meta_generator:
+            from synthesis.meta_generator import MetaGenerator
+            self.meta_generator = MetaGenerator(lr=cfg.meta_generator_lr)
 
     def queries(self) -> int:
         return self.pool.queries if self.pool is not None else 0
@@ -268,6 +273,8 @@ class Trainer:
             # Opening an API draws its initial weights from the global RNG: the resumed run must hold the
             # same APIs ready (same LRU order) to draw the same numbers afterwards.
             ck["pool_ready"] = [list(k) for k in self.pool.ready]
+            if self.meta_generator is not None:
+                ck["meta_generator"] = self.meta_generator.state_dict()
         return ck
 
     def _load(self, path: str) -> None:
@@ -284,6 +291,8 @@ class Trainer:
             self.memory.load_state_dict(ck["memory"], folder=os.path.join(os.path.dirname(path), run_dir.MEMORY_DIR))
             self.pool.load_state_dict(ck["pool"])
             self._reopen(ck.get("pool_ready", []))
+            if self.meta_generator is not None and "meta_generator" in ck:
+                self.meta_generator.load_state_dict(ck["meta_generator"])
         self.state = LoopState(**ck["state"])
         print(f"resuming {self.out_dir} after task {self.state.task} "
               f"({self.state.api_visits} API visits, {self.state.api_queries} queries so far)")
@@ -325,10 +334,11 @@ class Trainer:
         api = self.pool.draw(self.rng)
         gen = torch.Generator(device=self.device).manual_seed(int(self.rng.integers(2 ** 62)))
         boundary = task_id // cfg.episode_batch > cfg.advstartit
-        t = time.time()
+        t, q0 = time.time(), self.queries()
         out = kd_task(self.model, meta_params(self.model), api, self.kd, self.prep, boundary=boundary,
-                      memory=self.memory, generator=gen)
+                      memory=self.memory, generator=gen, meta_generator=self.meta_generator)
         self.state.api_visits += 1
+        self.state.recovery_steps += out.recovery_steps
         self.state.visit_next = False
         tb = self.tb
         tb.add_scalar("kd/kl_query_before_inner", out.kl_before, task_id)
@@ -340,6 +350,8 @@ class Trainer:
             tb.add_scalar("kd/class_diversity_mean", float(np.mean(list(div.values()))), task_id)
             tb.add_scalar("kd/class_diversity_min", min(div.values()), task_id)
         tb.add_scalar("kd/seconds_per_visit", time.time() - t, task_id)
+        tb.add_scalar("kd/queries_per_visit", self.queries() - q0, task_id)
+        tb.add_scalar("kd/recovery_steps_per_visit", out.recovery_steps, task_id)
         tb.add_scalar("api/visits", self.state.api_visits, task_id)
         tb.add_scalar("api/queries", self.queries(), task_id)
         self._log_images(out, len(api.classes), task_id)
@@ -411,6 +423,8 @@ class Trainer:
             self.metrics.write({"task": s.task, "meta_iter": s.task // cfg.episode_batch, "split": split,
                                 "dataset": ds, "acc": round(acc, 4), "ci": round(ci, 4),
                                 "api_queries": self.queries(), "api_visits": s.api_visits,
+                                "queries_per_visit": round(self.queries() / max(s.api_visits, 1)),
+                                "recovery_steps_per_visit": round(s.recovery_steps / max(s.api_visits, 1), 2),
                                 "wall_seconds": round(wall, 2)})
             tag = split if ds in ("mean", cfg.dataset) else f"{split}/{ds}"
             self.tb.add_scalar(f"eval/{tag}", acc, s.task)
