@@ -156,6 +156,7 @@ def main(argv=None) -> list[dict]:
     atomic_json({"rows": table, "baselines": {k: {"acc": v[0], "ci": v[1]} for k, v in lines.items()}, **meta},
                 os.path.join(out, "results.json"))
     atomic_text(markdown(table, lines, meta), os.path.join(out, "results.md"))
+    os.makedirs(os.path.join(out, "figs"), exist_ok=True)
     accuracy_vs_queries(table, os.path.join(out, "figs", "accuracy_vs_queries.png"), lines)
     print(markdown(table, lines, meta))
     return table
