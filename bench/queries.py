@@ -27,7 +27,8 @@ sys.path.insert(0, ROOT)
 from bench.ablation import _run, processor  # noqa: E402
 
 PAPER, META = "paper recovery (fresh generator, 40 steps)", "--meta_generator"
-# name -> (method, main.py flags, budget as a fraction of paper_full's queries; None: no budget)
+# name -> (method, main.py flags, budget as a fraction of paper_full's queries; None: no budget).
+# --meta_generator runs --meta_generator_steps (default 4) steps per set instead of 40.
 ROWS = {
     "paper_full": (PAPER, [], None),
     "paper_1_3": (PAPER, [], Fraction(1, 3)),
@@ -35,6 +36,8 @@ ROWS = {
     "mg_full": (META, ["--meta_generator"], None),
     "mg_1_10": (META, ["--meta_generator"], Fraction(1, 10)),
     "mg_1_30": (META, ["--meta_generator"], Fraction(1, 30)),
+    # the control: as few steps per set as --meta_generator, but each from a fresh generator
+    "fresh_4steps": ("paper recovery, 4 steps (control)", ["--generate_iterations", "4"], None),
 }
 
 
