@@ -7,7 +7,8 @@ several query budgets.
 Each row is `main.py --preset demo <its flags> --query_budget <its share of the full run's queries>`
 (400 tasks, seed 2022, model chosen on meta_val), then a 600-task 5-way 1-shot meta-test evaluation of
 its best.pth. The budgets are fractions of the queries the unbudgeted paper run (`paper_full`, which
-runs first) actually spent. Random init and MAML on the real images are read from a demo run directory
+runs first) actually spent, or exactly one API visit (`paper_1_visit`: the paper's recovery cannot run
+on less). Random init and MAML on the real images are read from a demo run directory
 (--demo_dir, the one `bash scriptskd/demo.sh` printed), else run here. Writes <out>/results.json
 ({"rows": [{method, queries, acc, ci, ...}]}), <out>/results.md and <out>/figs/accuracy_vs_queries.png;
 rerunning the same command skips finished rows and resumes unfinished ones.
@@ -27,12 +28,14 @@ sys.path.insert(0, ROOT)
 from bench.ablation import _run, processor  # noqa: E402
 
 PAPER, META = "paper recovery (fresh generator, 40 steps)", "--meta_generator"
+ONE_VISIT = "one visit"     # a budget of exactly one API visit of the row's flags (core.config.visit_cost)
 # name -> (method, main.py flags, budget as a fraction of paper_full's queries; None: no budget).
 # --meta_generator runs --meta_generator_steps (default 4) steps per set instead of 40.
 ROWS = {
     "paper_full": (PAPER, [], None),
     "paper_1_3": (PAPER, [], Fraction(1, 3)),
-    "paper_1_10": (PAPER, [], Fraction(1, 10)),
+    # 1/10 of the full run does not cover one visit of the paper's recovery: its smallest run is one visit
+    "paper_1_visit": (PAPER, [], ONE_VISIT),
     "mg_full": (META, ["--meta_generator"], None),
     "mg_1_10": (META, ["--meta_generator"], Fraction(1, 10)),
     "mg_1_30": (META, ["--meta_generator"], Fraction(1, 30)),
@@ -52,8 +55,13 @@ def run_row(name: str, out: str, data_root: str, pool: str, test_tasks: int, ful
     method, flags, share = ROWS[name]
     run, ev = os.path.join(out, name), os.path.join(out, "eval", name)
     log = os.path.join(out, f"{name}.log")
-    budget = None if share is None else int(full * share)
     common = ["--preset", "demo", "--data_root", data_root]
+    if share == ONE_VISIT:
+        from core.config import visit_cost
+        from main import parse_args
+        budget = visit_cost(parse_args([*common, *flags, *extra]))
+    else:
+        budget = None if share is None else int(full * share)
     flags = [*flags, *extra, *(["--query_budget", str(budget)] if budget is not None else [])]
     if _summary(run) is None:
         _run(["main.py", *common, *flags, "--pretrained_path_prefix", pool, "--out_dir", run, "--resume"], log, 1)
@@ -143,7 +151,7 @@ def main(argv=None) -> list[dict]:
          os.path.join(out, "pool.log"), 1)
     extra = a.flags.split()
     full = None
-    if any(ROWS[r][2] is not None for r in rows):      # budgets are shares of what the full paper run spent
+    if any(isinstance(ROWS[r][2], Fraction) for r in rows):      # budgets are shares of what the full paper run spent
         full = run_row("paper_full", out, data_root, pool, a.test_tasks, None, extra)["queries"]
     table = []
     for r in rows:

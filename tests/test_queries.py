@@ -10,7 +10,7 @@ def test_every_row_names_known_flags():
     for name, (method, flags, share) in bq.ROWS.items():
         cfg = parse_args(["--preset", "demo", *flags, *(["--query_budget", "1000000"] if share else [])])
         assert cfg.meta_generator == ("--meta_generator" in flags)
-        assert share is None or 0 < share < 1
+        assert share in (None, bq.ONE_VISIT) or 0 < share < 1
 
 
 def _write(d, obj):
@@ -39,4 +39,5 @@ def test_finished_rows_are_skipped_and_the_outputs_written(tmp_path, monkeypatch
     assert res["rows"][1]["budget"] == 1000 // 3                       # a share of paper_full's queries
     assert res["baselines"]["MAML on real data"] == {"acc": 40.0, "ci": 0.7}
     assert os.path.getsize(out / "figs" / "accuracy_vs_queries.png") > 1000
-    assert "| paper_1_10 |" in open(out / "results.md").read()
+    assert res["rows"][2]["budget"] == 100 * (40 * 21 + 1)             # one paper visit at the demo scale
+    assert "| paper_1_visit |" in open(out / "results.md").read()
