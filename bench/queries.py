@@ -77,8 +77,11 @@ def run_row(name: str, out: str, data_root: str, pool: str, test_tasks: int, ful
 def baselines(out: str, data_root: str, demo_dir: str | None, test_tasks: int) -> dict[str, tuple[float, float]]:
     """{label: (acc, ci)} of random init and MAML on the real images, 5-way 1-shot, 600 tasks."""
     found = {}
-    for label, sub in (("random init", "random_init_1shot"), ("MAML on real data", "maml_real_1shot")):
-        s = _summary(os.path.join(demo_dir, "eval", sub)) if demo_dir else None
+    # a demo directory names them <method>_1shot; an earlier --out of this module, <method>
+    for label, subs in (("random init", ("random_init_1shot", "random_init")),
+                        ("MAML on real data", ("maml_real_1shot", "maml_real"))):
+        s = next((x for x in (_summary(os.path.join(demo_dir, "eval", d)) for d in subs) if x), None) \
+            if demo_dir else None
         if s is None:
             s = _baseline(label, out, data_root, test_tasks)
         found[label] = (round(s["test_acc"], 2), round(s["test_ci"], 2))
@@ -135,7 +138,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--data_root", default="./DFL2Ldata")
     p.add_argument("--pool", default="./pretrained_blackbox", help="--pretrained_path_prefix of the demo pool "
                    "(made here with `pretrain.py --preset demo` if missing, as the demo does)")
-    p.add_argument("--demo_dir", default=None, help="a demo run directory to take the two baselines from")
+    p.add_argument("--demo_dir", default=None, help="a demo run directory (or an earlier --out of this module) "
+                   "to take the two baselines from")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     p.add_argument("--test_tasks", type=int, default=600)
     p.add_argument("--flags", default="", help="extra main.py flags for every row (e.g. '--meta_generator_steps 4')")
