@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 
 from bench.ablation import _run, processor  # noqa: E402
 
-PAPER, META = "paper recovery (fresh generator, 40 steps)", "--meta_generator"
+PAPER, META = "paper recovery (fresh generator, 40 steps)", "meta-generator (--meta_generator)"
 ONE_VISIT = "one visit"     # a budget of exactly one API visit of the row's flags (core.config.visit_cost)
 # name -> (method, main.py flags, budget as a fraction of paper_full's queries; None: no budget).
 # --meta_generator runs --meta_generator_steps (default 4) steps per set instead of 40.

@@ -111,10 +111,11 @@ def accuracy_vs_queries(rows: list[dict], path: str, lines: dict[str, tuple[floa
         pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["queries"])
         ax.errorbar([r["queries"] for r in pts], [r["acc"] for r in pts], yerr=[r["ci"] for r in pts],
                     marker="o", ms=4, capsize=3, label=method)
-    for (label, (acc, ci)), color in zip((lines or {}).items(), ("gray", "green", "purple")):
+    for (label, (acc, ci)), color in zip((lines or {}).items(), ("gray", "black", "purple")):
         ax.axhline(acc, color=color, ls="--", lw=1, label=f"{label} ({acc:.1f})")
         ax.axhspan(acc - ci, acc + ci, color=color, alpha=0.12)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())     # crowded labels between decades
     ax.set_xlabel("API queries in total (log scale)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title, fontsize=10)
