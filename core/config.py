@@ -30,7 +30,7 @@ RUNTIME_KEYS = ("multigpu", "evaluate", "gpu", "resume", "overwrite", "out_dir",
 
 def _opt(group: str):
     """A Config field of one flag group. Checked by `check_values`: low (at least; an int setting is
-    at least 1 unless its field says otherwise, None: any), above (more than), choices (one of)."""
+    at least 1 unless its field says otherwise, None: any), above (more than), high (at most), choices (one of)."""
     def make(default, help: str, **meta):
         return field(default=default, metadata={"help": help, "group": group, **meta})
     return make
@@ -106,6 +106,12 @@ class Config:
     query_budget: int | None = _pool(None, "total API queries allowed (default: no limit)")
     visit_threads: int = _pool(0, "CPU threads during an API visit's recovery and adaptation (0: the process's "
                                   "torch threads); other work keeps the process's", low=0)
+    meta_generator: bool = _pool(False, "start each recovery from a meta-generator learnt across API visits (Reptile), "
+                                        "not a fresh generator (off: the original; docs/queries.md)")
+    meta_generator_steps: int = _pool(4, "with --meta_generator: zero-order generator steps per recovered set "
+                                         "(instead of --generate_iterations)")
+    meta_generator_lr: float = _pool(1.0, "with --meta_generator: Reptile step size ε, φ <- φ + ε(φ' - φ), "
+                                          "in (0, 1]", above=0, high=1)
     replay_augment: bool = _pool(False, "random crop/flip of replayed images (off, as in the original)")
     inversion_augment: str = _pool("batch", "inversion crop/flip: batch (one per step, as the original) | image",
                                    choices=("batch", "image"))
@@ -308,6 +314,8 @@ def check_values(cfg: Config, names=None) -> None:
             raise FlagError(f"--{name} must be at least {low}, got {v}")
         if "above" in meta and not v > meta["above"]:
             raise FlagError(f"--{name} must be more than {meta['above']}, got {v}")
+        if "high" in meta and v > meta["high"]:
+            raise FlagError(f"--{name} must be at most {meta['high']}, got {v}")
         if "choices" in meta and v not in meta["choices"]:
             raise FlagError(f"--{name} {v!r} is unknown; choose one of {', '.join(meta['choices'])}")
 
@@ -348,4 +356,9 @@ def visit_cost(cfg: Config) -> int:
     plus q perturbed copies with --ZO; then the API labels the kept images once."""
     per_step = (cfg.q + 1) if cfg.ZO else 1
     images = cfg.way_pretrain * (cfg.num_sup_kd + cfg.num_qur_kd)
-    return images * (cfg.generate_iterations * per_step + 1)
+    return images * (recovery_steps(cfg) * per_step + 1)
+
+
+def recovery_steps(cfg: Config) -> int:
+    """Generator steps per recovered set: --meta_generator_steps with --meta_generator."""
+    return cfg.meta_generator_steps if cfg.meta_generator else cfg.generate_iterations

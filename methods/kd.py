@@ -116,6 +116,7 @@ class KDSettings:
     zo_space: str = DEFAULTS.zo_space                       # "normalized" | "pixel"
     inversion_augment: str = DEFAULTS.inversion_augment     # "batch" | "image"
     visit_threads: int = DEFAULTS.visit_threads             # CPU threads for the visit (0: unchanged)
+    meta_generator_steps: int = DEFAULTS.meta_generator_steps   # steps per set when starting from a meta-generator
     zo: ZOConfig | None = None      # None: white-box generator gradients (the ablation without --ZO)
 
     def __post_init__(self):
@@ -132,6 +133,7 @@ class KDOutcome:
     support: tuple[torch.Tensor, torch.Tensor]   # (images in [0, 1], absolute class ids)
     query: tuple[torch.Tensor, torch.Tensor]
     api_confidence: float = float("nan")         # mean API probability of the target class (both sets)
+    recovery_steps: int = 0                      # generator steps of the visit (both sets)
 
 
 def class_diversity(x: torch.Tensor, labels: torch.Tensor) -> dict[int, float]:
@@ -160,41 +162,61 @@ def augment_set(x01: torch.Tensor, on: bool, generator: torch.Generator | None) 
 
 
 def kd_task(model: nn.Module, params: Params, api, s: KDSettings, prep: Prep, *,
-            boundary: bool, memory=None, generator: torch.Generator | None = None, lean: bool = True) -> KDOutcome:
+            boundary: bool, memory=None, generator: torch.Generator | None = None, lean: bool = True,
+            meta_generator=None) -> KDOutcome:
     """Run one bi-level KD task against `api`; push both recovered sets into `memory`.
 
     lean (second order only): the inner loop through `lean_adapt`, no graph alive during the query
-    recovery; False keeps maml.adapt's full graph (the reference the tests compare with)."""
+    recovery; False keeps maml.adapt's full graph (the reference the tests compare with).
+    meta_generator: a synthesis.meta_generator.MetaGenerator: each set starts from it, runs
+    meta_generator_steps steps, and updates it (Reptile); None: fresh generators (the original)."""
     with cpu_threads(s.visit_threads):
-        way = len(api.classes)
-        classes = torch.as_tensor(api.classes, dtype=torch.long)
+        return _visit(model, params, api, s, prep, boundary=boundary, memory=memory, generator=generator,
+                      lean=lean, meta_generator=meta_generator)
 
-        opts = {"zo_space": s.zo_space, "inversion_augment": s.inversion_augment}
-        sx, sy = recover(api, s.num_sup_kd, steps=s.generate_iterations, lr=s.Glr, zo=s.zo,
-                         generator=generator, **opts)
-        sxa = augment_set(sx, s.kd_augment, generator)
-        sp = api_probs(api, sxa)
-        if lean and not s.approx:
-            adapted = lean_adapt(model, params, prep(sxa), sp, s.inner_update_num_kd, s.inner_lr, way)
-        else:
-            adapted = adapt(model, params, prep(sxa), sp, kl_loss, s.inner_update_num_kd, s.inner_lr,
-                            s.approx, way=way)
 
-        student, adv = None, 0.0
-        if boundary and s.adv > 0:
-            fixed = {k: v.detach() for k, v in adapted.items()}
-            student = bounded_student(lambda x01: forward(model, fixed, prep(x01), way),   # f_θ', fixed
-                                      way * s.num_qur_kd)
-            adv = s.adv
-        qx, qy = recover(api, s.num_qur_kd, steps=s.generate_iterations, lr=s.Glr, zo=s.zo,
-                         student=student, adv=adv, generator=generator, boundary_student=s.boundary_student, **opts)
-        qxa = augment_set(qx, s.kd_augment, generator)
-        qp = api_probs(api, qxa)
-        q_in = prep(qxa)
-        logits = forward(model, adapted, q_in, way)
-        loss = kl_loss(logits, qp)
-        with torch.no_grad():
-            kl_before = kl_loss(forward(model, params, q_in, way), qp).item()
+def _visit(model: nn.Module, params: Params, api, s: KDSettings, prep: Prep, *, boundary: bool, memory,
+           generator: torch.Generator | None, lean: bool, meta_generator) -> KDOutcome:
+    """kd_task's work, with the threads it set."""
+    way = len(api.classes)
+    classes = torch.as_tensor(api.classes, dtype=torch.long)
+    steps = s.generate_iterations if meta_generator is None else s.meta_generator_steps
+    device = getattr(api, "device", "cpu")
+
+    def recover_set(kind: str, per_class: int, **kw):
+        if meta_generator is None:
+            return recover(api, per_class, steps=steps, lr=s.Glr, zo=s.zo, generator=generator, **kw)
+        final, nz = {}, 256         # recover()'s default latent size
+        init = meta_generator.start(kind, api.classes, per_class, nz, device, generator)
+        out = recover(api, per_class, steps=steps, lr=s.Glr, zo=s.zo, generator=generator, nz=nz, init=init,
+                      final=final, **kw)
+        meta_generator.update(kind, api.classes, final)
+        return out
+
+    opts = {"zo_space": s.zo_space, "inversion_augment": s.inversion_augment}
+    sx, sy = recover_set("support", s.num_sup_kd, **opts)
+    sxa = augment_set(sx, s.kd_augment, generator)
+    sp = api_probs(api, sxa)
+    if lean and not s.approx:
+        adapted = lean_adapt(model, params, prep(sxa), sp, s.inner_update_num_kd, s.inner_lr, way)
+    else:
+        adapted = adapt(model, params, prep(sxa), sp, kl_loss, s.inner_update_num_kd, s.inner_lr,
+                        s.approx, way=way)
+
+    student, adv = None, 0.0
+    if boundary and s.adv > 0:
+        fixed = {k: v.detach() for k, v in adapted.items()}
+        student = bounded_student(lambda x01: forward(model, fixed, prep(x01), way),   # f_θ', fixed
+                                  way * s.num_qur_kd)
+        adv = s.adv
+    qx, qy = recover_set("query", s.num_qur_kd, student=student, adv=adv, boundary_student=s.boundary_student, **opts)
+    qxa = augment_set(qx, s.kd_augment, generator)
+    qp = api_probs(api, qxa)
+    q_in = prep(qxa)
+    logits = forward(model, adapted, q_in, way)
+    loss = kl_loss(logits, qp)
+    with torch.no_grad():
+        kl_before = kl_loss(forward(model, params, q_in, way), qp).item()
 
     support = (sx.detach(), classes[sy.cpu()])
     query = (qx.detach(), classes[qy.cpu()])
@@ -204,4 +226,4 @@ def kd_task(model: nn.Module, params: Params, api, s: KDSettings, prep: Prep, *,
     # What the API says of its recovered images (probabilities already queried: no extra query).
     confidence = torch.cat([sp.gather(1, sy.to(sp.device)[:, None]), qp.gather(1, qy.to(qp.device)[:, None])])
     return KDOutcome(loss, accuracy(logits.detach(), qy.to(logits.device)), kl_before, support, query,
-                     confidence.mean().item())
+                     confidence.mean().item(), 2 * steps)

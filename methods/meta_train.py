@@ -157,6 +157,7 @@ class LoopState:
     best_batch_acc: float | None = None
     api_visits: int = 0
     api_queries: int = 0            # queries spent (as of the checkpoint)
+    recovery_steps: int = 0         # generator steps of all visits
     budget_note: bool = False
     wall_seconds: float = 0.0
     evals: int = 0
@@ -223,6 +224,9 @@ class Trainer:
         self.cfg = cfg
         self.out_dir = default_out_dir(cfg)
         self.procs = procs = dist.Dist.from_env()
+        if procs.world > 1 and cfg.meta_generator:
+            raise FlagError("--meta_generator learns from the visits one after another, in one process; run it "
+                            "without torchrun")
         if procs.world > 1 and cfg.replay_vmap:
             raise FlagError("--replay_vmap runs a meta-batch's replay tasks in one process; under torchrun the "
                             "tasks are spread over the processes instead: drop --replay_vmap")
@@ -238,7 +242,7 @@ class Trainer:
                            batch_stats=True, init=cfg.init, pool="max" if cfg.mh else "flatten"
                            ).to(self.device, memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.outer_lr)
-        self.pool = self.memory = self.real = None
+        self.pool = self.memory = self.real = self.meta_generator = None
         if cfg.evaluate:
             if cfg.evaluate != "random":        # 'random': the untrained meta model of --seed
                 self._load_meta_model(cfg.evaluate)
@@ -303,6 +307,9 @@ class Trainer:
                              f"(~{visit_cost(cfg)} queries with these flags); raise it or lower --generate_iterations/--q")
         self.memory = TaskMemory(cfg.max_batch_per_class, image_size=self.prep.size)
         self.kd = settings(KDSettings, cfg, zo=settings(ZOConfig, cfg) if cfg.ZO else None)
+        if cfg.meta_generator:
+            from synthesis.meta_generator import MetaGenerator
+            self.meta_generator = MetaGenerator(lr=cfg.meta_generator_lr)
 
     def queries(self) -> int:
         """API queries spent by the run (every process's visits)."""
@@ -326,6 +333,8 @@ class Trainer:
             # MH: no preview, python -m reporting draws no recovered-vs-real figure there
             ck["memory"] = self.memory.save(self._memory_dir(), preview=0 if self.cfg.mh else PREVIEW)
             ck["pool"] = self.pool.state_dict()
+            if self.meta_generator is not None:
+                ck["meta_generator"] = self.meta_generator.state_dict()
         return ck
 
     def _load(self, path: str) -> None:
@@ -347,6 +356,8 @@ class Trainer:
             self.pool.load_state_dict(ck["pool"])
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
+        if self.meta_generator is not None and "meta_generator" in ck:
+            self.meta_generator.load_state_dict(ck["meta_generator"])
         self.state = LoopState(**{k: v for k, v in ck["state"].items() if k in LoopState.__dataclass_fields__})
         if self.main:
             print(f"resuming {self.out_dir} after task {self.state.task} "
@@ -436,10 +447,11 @@ class Trainer:
             gen = self._seed(rng)
             boundary = task_id // cfg.episode_batch > cfg.advstartit
             out = kd_task(self.model, meta_params(self.model), api, self.kd, self.prep, boundary=boundary,
-                          generator=gen)
+                          generator=gen, meta_generator=self.meta_generator)
         spent = {k: v - before.get(k, 0) for k, v in self.pool.meter.per_api.items() if v != before.get(k, 0)}
         record = {"rank": self.procs.rank, "loss": out.loss.item(), "acc": out.acc, "kl_before": out.kl_before,
                   "api_confidence": out.api_confidence, "seconds": time.time() - t, "queries": spent,
+                  "recovery_steps": out.recovery_steps,
                   "support": tuple(v.cpu() for v in out.support), "query": tuple(v.cpu() for v in out.query)}
         return out, record
 
@@ -451,6 +463,7 @@ class Trainer:
         self.memory.add(*r["support"])
         self.memory.add(*r["query"])
         self.state.api_visits += 1
+        self.state.recovery_steps += r["recovery_steps"]
         self.state.visit_next = False
         if not self.main:
             return
@@ -465,6 +478,8 @@ class Trainer:
             tb.add_scalar("kd/class_diversity_mean", float(np.mean(list(div.values()))), task_id)
             tb.add_scalar("kd/class_diversity_min", min(div.values()), task_id)
         tb.add_scalar("kd/seconds_per_visit", r["seconds"], task_id)
+        tb.add_scalar("kd/queries_per_visit", sum(r["queries"].values()), task_id)
+        tb.add_scalar("kd/recovery_steps_per_visit", r["recovery_steps"], task_id)
         tb.add_scalar("api/visits", self.state.api_visits, task_id)
         tb.add_scalar("api/queries", self.queries(), task_id)
         self._log_images(r["support"], r["query"], len(sy.unique()), task_id)
@@ -565,6 +580,8 @@ class Trainer:
             self.metrics.write({"task": s.task, "meta_iter": s.task // cfg.episode_batch, "split": split,
                                 "dataset": ds, "acc": round(acc, 4), "ci": round(ci, 4),
                                 "api_queries": self.queries(), "api_visits": s.api_visits,
+                                "queries_per_visit": round(self.queries() / max(s.api_visits, 1)),
+                                "recovery_steps_per_visit": round(s.recovery_steps / max(s.api_visits, 1), 2),
                                 "wall_seconds": round(wall, 2)})
             tag = split if ds in ("mean", cfg.dataset) else f"{split}/{ds}"
             self.tb.add_scalar(f"eval/{tag}", acc, s.task)

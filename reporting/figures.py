@@ -100,3 +100,27 @@ def recovered_vs_real(run: str, path: str, n_apis: int = 3, per_class: int = 6) 
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
     return True
+
+
+def accuracy_vs_queries(rows: list[dict], path: str, lines: dict[str, tuple[float, float]] | None = None,
+                        title: str = "5-way 1-shot meta-test accuracy against API queries") -> None:
+    """Accuracy ± 95% CI against total API queries (log x), one series per `method` of `rows`
+    ([{method, queries, acc, ci}]); `lines` ({label: (acc, ci)}) are drawn as horizontal levels."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["queries"])
+        ax.errorbar([r["queries"] for r in pts], [r["acc"] for r in pts], yerr=[r["ci"] for r in pts],
+                    marker="o", ms=4, capsize=3, label=method)
+    for (label, (acc, ci)), color in zip((lines or {}).items(), ("gray", "black", "purple")):
+        ax.axhline(acc, color=color, ls="--", lw=1, label=f"{label} ({acc:.1f})")
+        ax.axhspan(acc - ci, acc + ci, color=color, alpha=0.12)
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())     # crowded labels between decades
+    ax.set_xlabel("API queries in total (log scale)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="best", fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)

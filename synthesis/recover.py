@@ -87,7 +87,8 @@ def recover(api, per_class: int, *, steps: int, lr: float = 1e-3, zo: ZOConfig |
             student=None, adv: float = 0.0, nz: int = 256, generator: torch.Generator | None = None,
             progress: bool = False, stats: dict | None = None,
             boundary_student: str = DEFAULTS.boundary_student, zo_space: str = DEFAULTS.zo_space,
-            inversion_augment: str = DEFAULTS.inversion_augment) -> tuple[torch.Tensor, torch.Tensor]:
+            inversion_augment: str = DEFAULTS.inversion_augment, init: dict | None = None,
+            final: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Recover `per_class` images for each of the API's classes.
 
     api: BlackBoxAPI (or anything with .spec, .classes, .device and __call__ on normalized images).
@@ -100,6 +101,9 @@ def recover(api, per_class: int, *, steps: int, lr: float = 1e-3, zo: ZOConfig |
         is perturbed, then normalised).
     inversion_augment: "batch" (the original: one crop/flip draw per step for the whole batch) or
         "image" (one draw per image).
+    init: start from {"generator": a state_dict, "z": [way*per_class, nz]} (either may be absent)
+        instead of fresh weights and codes (synthesis/meta_generator.py); fresh ones are drawn anyway.
+    final: if a dict is given, filled with {"generator": G's final state_dict, "z": the final codes}.
     Returns (images [way*per_class, C, S, S] in [0, 1], pre-augmentation; relative labels, grouped by class).
     """
     check_choice("boundary_student", boundary_student, BOUNDARY_STUDENT)
@@ -126,7 +130,13 @@ def recover(api, per_class: int, *, steps: int, lr: float = 1e-3, zo: ZOConfig |
     denorm = affine_normalizer(spec.mean, spec.std, spec.image_size, device, inverse=True)
     # d n / d x~ = 1 / std per channel: the chain rule from the normalised to the [0, 1] image
     inv_std = 1.0 / torch.as_tensor(spec.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    z = torch.randn(n, nz, device=device, generator=generator).requires_grad_()
+    z = torch.randn(n, nz, device=device, generator=generator)
+    if init is not None:
+        if "generator" in init:
+            G.load_state_dict(init["generator"])
+        if "z" in init:
+            z = init["z"].to(device, torch.float32).clone()
+    z.requires_grad_()
     params = [*G.parameters(), z]
     opt = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
 
@@ -196,6 +206,9 @@ def recover(api, per_class: int, *, steps: int, lr: float = 1e-3, zo: ZOConfig |
     if stats is not None:
         stats["best_loss"] = best_loss.mean().item()
         stats["final_loss"] = loss.mean().item()
+    if final is not None:
+        final["generator"] = {k: v.detach().clone() for k, v in G.state_dict().items()}
+        final["z"] = z.detach().clone()
     return best_x.contiguous(), target
 
 
