@@ -81,6 +81,22 @@ def run_cli(args: list[str], cwd: str = REPO, env_extra: dict | None = None, che
     return proc
 
 
+def kill_after_first_save(flags: list[str], out: str) -> None:
+    """Start `python main.py <flags>` and kill -9 it as soon as <out>/last.pth exists (a run that
+    ends before its first save fails the calling test)."""
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, "main.py", *flags], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = os.path.join(out, "last.pth")
+    deadline = time.time() + 240
+    while not os.path.exists(last) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(out, "summary.json")), "the run ended before it could be killed"
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> str:
     """A data root holding the demo dataset (DEMO_IMAGES_PER_CLASS images per class)."""

@@ -3,16 +3,13 @@ memory's append-only checkpoint files: same numbers as before, less memory, smal
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import DEVICE, ON_CPU, REPO, device_tol, run_cli
+from conftest import DEVICE, ON_CPU, REPO, device_tol, kill_after_first_save, run_cli
 
 from core.errors import CheckpointError
 from synthesis.memory import TaskMemory, batch_file
@@ -248,26 +245,13 @@ def reference_run(demo_root, demo_pool, tmp_path_factory):
     return out, flags
 
 
-def _kill_after_first_save(flags, out):
-    env = dict(os.environ, PYTHONPATH=REPO)
-    proc = subprocess.Popen([sys.executable, "main.py", *flags], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = os.path.join(out, "last.pth")
-    deadline = time.time() + 240
-    while not os.path.exists(last) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(os.path.join(out, "summary.json")), "the run ended before it could be killed"
-
-
 @pytest.mark.parametrize("case", ["orphan_files", "checkpoint_of_earlier_versions"])
 def test_killed_run_resumes_with_the_same_memory(reference_run, tmp_path, case):
     ref_out, ref_flags = reference_run
     out = str(tmp_path / "killed")
     i = ref_flags.index("--out_dir") + 1
     flags = [*ref_flags[:i], out, *ref_flags[i + 1:]]
-    _kill_after_first_save(flags, out)
+    kill_after_first_save(flags, out)
     ck = torch.load(os.path.join(out, "last.pth"), weights_only=True)
     at_kill = _run_memory(out)
     assert "batches" in ck["memory"] and len(at_kill) > 0

@@ -5,17 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, run_cli
+from conftest import kill_after_first_save, run_cli
 
 from core.errors import BidfError, PoolError, RunDirError
 from methods.maml import adapt, ce_loss, forward, kl_loss, meta_params
@@ -205,16 +201,8 @@ def test_existing_run_dir_is_never_overwritten(tiny_run, demo_root, demo_pool):
 def test_resume_after_kill_continues_to_the_same_task_count(demo_root, demo_pool, tmp_path):
     out = str(tmp_path / "killed")
     flags = _flags(demo_root, demo_pool, out, "--episode_train", "24", "--val_interval", "4", "--save_interval", "4")
-    env = dict(os.environ, PYTHONPATH=REPO)
-    proc = subprocess.Popen([sys.executable, "main.py", *flags], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_after_first_save(flags, out)
     last = os.path.join(out, "last.pth")
-    deadline = time.time() + 240
-    while not os.path.exists(last) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(os.path.join(out, "summary.json")), "the run ended before it could be killed"
     done = torch.load(last, weights_only=True)["state"]["task"]
     assert 4 <= done < 24
 
