@@ -21,10 +21,11 @@ class UpConv3x3(nn.Conv2d):
 
     def __init__(self, cin: int, cout: int, bias: bool = True):
         super().__init__(cin, cout, 3, padding=1, bias=bias)
+        # made once, moved and cast with the module; not part of its state
+        self.register_buffer("taps", torch.tensor(_PHASE_TAPS), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        taps = torch.tensor(_PHASE_TAPS, dtype=self.weight.dtype, device=self.weight.device)
-        kernel = torch.einsum("ti,ocij,sj->cots", taps, self.weight, taps)   # [cin, cout, 4, 4]
+        kernel = torch.einsum("ti,ocij,sj->cots", self.taps, self.weight, self.taps)   # [cin, cout, 4, 4]
         return F.conv_transpose2d(x, kernel, self.bias, stride=2, padding=1)
 
 
