@@ -59,8 +59,11 @@ def init(dist: Dist, device) -> None:
 
 
 def close(dist: Dist) -> None:
+    """Leave the process group together: the barrier first, so that no process tears its connections
+    down while another still sends to it (gloo then aborts the late process at exit)."""
     import torch.distributed as td
     if dist.world > 1 and td.is_initialized():
+        td.barrier()
         td.destroy_process_group()
 
 
