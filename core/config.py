@@ -25,7 +25,8 @@ PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 # settings shape the pool, not the meta-training run).
 RUNTIME_KEYS = ("multigpu", "evaluate", "gpu", "resume", "overwrite", "out_dir", "data_root",
                 "pretrained_path_prefix", "pretrain", "workers", "tensorboard", "api_seed", "epochs",
-                "batch_size", "lr", "api_augment", "api_patience", "eval_chunk", "replay_vmap", "visit_threads")
+                "batch_size", "lr", "api_augment", "api_patience", "eval_chunk", "replay_vmap", "visit_threads",
+                "deterministic")
 
 
 def _opt(group: str):
@@ -47,6 +48,8 @@ class Config:
     multigpu: str = _basic("0", "visible CUDA devices (CUDA_VISIBLE_DEVICES; kept from the environment if unset)")
     gpu: int = _basic(0, "CUDA device among the visible ones (the CPU when there is none; under torchrun each "
                          "process uses its local rank)", low=0)
+    deterministic: bool = _basic(False, "deterministic GPU kernels only, so that a rerun or --resume gives the same "
+                                        "bits (slower; the CPU's kernels already are)")
     dataset: str = _basic("cifar100", "cifar100 | miniimagenet | cub | demo; mix for API-MH")
     pretrained_path_prefix: str = _basic("./pretrained_blackbox", "root of the API pools")
     data_root: str = _basic("./DFL2Ldata", "root of the datasets")
@@ -143,7 +146,7 @@ class Config:
 DEFAULTS = Config()
 # The settings API pretraining reads (pretrain.py's flags; main.py --pretrain uses the same).
 PRETRAIN_SETTINGS = ("dataset", "pre_backbone", "APInum", "way_pretrain", "pretrained_path_prefix", "data_root", "gpu",
-                     "api_seed", "epochs", "batch_size", "lr", "workers", "tensorboard", "init", "api_augment",
+                     "deterministic", "api_seed", "epochs", "batch_size", "lr", "workers", "tensorboard", "init", "api_augment",
                      "api_patience")
 
 # Recipes: named sets of method choices, applied under a preset and explicit flags. faithful is the

@@ -232,7 +232,8 @@ class Trainer:
                             "tasks are spread over the processes instead: drop --replay_vmap")
         self.main = procs.is_main
         self.device = pick_device(cfg.gpu, local_rank=procs.local_rank, world=procs.local_world,
-                                  say=(lambda m: print(f"note: {m}")) if self.main else None)
+                                  say=(lambda m: print(f"note: {m}")) if self.main else None,
+                                  deterministic=cfg.deterministic)
         dist.init(procs, self.device)
         self.prep = meta_input(cfg)
         self.splits = load_eval_splits(cfg)

@@ -288,7 +288,8 @@ def pretrain_pool(cfg: Config, dist: Dist | None = None, say=print) -> list[dict
     os.makedirs(folder, exist_ok=True)
     done = scan_pool(folder, cfg, spec)     # raises before any training if the folder is another pool's
     device = pick_device(cfg.gpu, local_rank=dist.local_rank, world=dist.world,
-                         say=say if dist.rank == 0 else None)
+                         say=say if dist.rank == 0 else None,
+                         deterministic=cfg.deterministic)
     mine = [i for i in range(cfg.APInum) if dist.owns(i)]
     todo = [i for i in mine if i not in done]
     tag = f"[rank {dist.rank}/{dist.world}] " if dist.world > 1 else ""

@@ -28,7 +28,7 @@ from .recover import ZOConfig, affine_normalizer, recover, save_grid
 
 
 FLAGS = ("dataset", "pre_backbone", "pretrained_path_prefix", "way_pretrain", "ZO", "q", "mu", "numsplit",
-         "generate_iterations", "Glr", "query_budget", "gpu", "seed")
+         "generate_iterations", "Glr", "query_budget", "gpu", "deterministic", "seed")
 
 
 def _extra(p: argparse.ArgumentParser) -> None:
@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
         raise FlagError(f"--mu must be positive, got {cfg.mu}")
     if cfg.pre_backbone == "mix" or cfg.dataset == "mix":
         raise FlagError("--dataset and --pre_backbone name one pool folder here; mix is for main.py")
-    device = pick_device(cfg.gpu)
+    device = pick_device(cfg.gpu, deterministic=cfg.deterministic)
     torch.manual_seed(cfg.seed)
     pool = APIPool.load(cfg.pretrained_path_prefix, cfg.dataset, cfg.pre_backbone, cfg.way_pretrain, a.api + 1,
                         device, white_box=not cfg.ZO, budget=cfg.query_budget, compile=a.compile, say=lambda m: None)

@@ -33,6 +33,11 @@ except RuntimeError as e:   # raised at import: pytest would bury it in a traceb
 ON_CPU = DEVICE.type == "cpu"
 if DEVICE.type == "cuda":   # float32 checks mean float32: cuDNN rounds convolutions to TF32 (10 bits) by default
     torch.backends.cudnn.allow_tf32 = False
+    from core.device import deterministic_kernels
+    deterministic_kernels()     # two runs compared bit for bit must run the same kernels
+# Off the CPU, every main.py / pretrain.py run of the tests uses deterministic kernels too (runs and
+# their resumes are compared bit for bit).
+RUN_FLAGS = [] if DEVICE.type == "cpu" else ["--deterministic"]
 
 
 def device_tol(cpu: float, other: float) -> float:
@@ -74,6 +79,8 @@ def run_cli(args: list[str], cwd: str = REPO, env_extra: dict | None = None, che
             timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python <args>` from the repo root; returns the completed process (text output)."""
     env = dict(os.environ, PYTHONPATH=REPO, **(env_extra or {}))
+    if "main.py" in args or "pretrain.py" in args:     # also under torchrun
+        args = [*args, *RUN_FLAGS]
     proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
@@ -86,7 +93,8 @@ def kill_after_first_save(flags: list[str], out: str) -> None:
     ends before its first save fails the calling test)."""
     import signal
     import time
-    proc = subprocess.Popen([sys.executable, "main.py", *flags], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+    proc = subprocess.Popen([sys.executable, "main.py", *flags, *RUN_FLAGS], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=REPO),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = os.path.join(out, "last.pth")
     deadline = time.time() + 240

@@ -143,3 +143,20 @@ def test_recipes_sit_under_presets_and_explicit_flags():
     assert parse_args(["--preset", "demo", "--recipe", "improved"]).dataset == "demo"
     with pytest.raises(FlagError, match="--recipe"):
         parse_args(["--recipe", "best"])
+
+
+def test_deterministic_flag_turns_on_deterministic_kernels_in_every_entry_point():
+    # in a child process: the setting is process-wide
+    code = ("import os, sys, torch\n"
+            "from core.device import pick_device\n"
+            "import main, pretrain, synthesis.__main__ as synth\n"
+            "cfgs = [main.parse_args(['--deterministic']), pretrain.parse_args(['--deterministic']),\n"
+            "        synth.parse_args(['--deterministic'])[0], main.parse_args([])]\n"
+            "print([c.deterministic for c in cfgs])\n"
+            "assert not torch.are_deterministic_algorithms_enabled()\n"
+            "pick_device(0, deterministic=cfgs[0].deterministic)\n"
+            "print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),\n"
+            "      os.environ['CUBLAS_WORKSPACE_CONFIG'])\n")
+    proc = run_cli(["-c", code], env_extra={"CUDA_VISIBLE_DEVICES": ""})
+    assert proc.stdout.split("\n")[:2] == ["[True, True, True, False]", "True True :4096:8"]
+    assert "deterministic" in config.RUNTIME_KEYS          # a resume may switch it: same results, other bits

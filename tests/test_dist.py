@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, RUN_FLAGS, run_cli
 from test_lean import _run_memory as _memory
 from test_meta import _flags, _read_jsonl
 
@@ -21,9 +21,10 @@ from synthesis.memory import BatchCounts, TaskMemory
 
 REF = ("--episode_train", "24", "--val_interval", "8", "--save_interval", "8")
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "main.py"]
-# What torchrun gives each of 2 processes on 2 cores (same kernels in both runs); gloo on the CPU even on
-# a GPU machine (two processes would need two GPUs), so the compared runs share a device.
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+# The threads torchrun gives each of 2 processes (core/device.py), for every compared run: a thread count
+# changes the CPU's summation order. gloo on the CPU even on a GPU machine (two processes would need two
+# GPUs), so the compared runs share a device.
+SAME_THREADS = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 2)), "CUDA_VISIBLE_DEVICES": ""}
 
 
 def _trace(folder: str) -> dict[int, list[dict]]:
@@ -41,9 +42,9 @@ def runs(demo_root, demo_pool, tmp_path_factory):
     base = str(tmp_path_factory.mktemp("dist"))
     one, two = os.path.join(base, "one"), os.path.join(base, "two")
     run_cli(["main.py", *_flags(demo_root, demo_pool, one, *REF)],
-            env_extra={**ONE_THREAD, "BIDF_DIST_TRACE": os.path.join(base, "trace_one")})
+            env_extra={**SAME_THREADS, "BIDF_DIST_TRACE": os.path.join(base, "trace_one")})
     proc = run_cli([*TORCHRUN, *_flags(demo_root, demo_pool, two, *REF)],
-                   env_extra={**ONE_THREAD, "BIDF_DIST_TRACE": os.path.join(base, "trace_two")})
+                   env_extra={**SAME_THREADS, "BIDF_DIST_TRACE": os.path.join(base, "trace_two")})
     return base, one, two, proc
 
 
@@ -88,10 +89,10 @@ def test_killed_process_stops_the_run_which_resumes_with_another_process_count(r
     base, one, _, _ = runs
     out, trace = str(tmp_path / "killed"), str(tmp_path / "trace")
     flags = _flags(demo_root, demo_pool, out, *REF)
-    env = dict(os.environ, PYTHONPATH=REPO, BIDF_DIST_TRACE=trace, **ONE_THREAD)
+    env = dict(os.environ, PYTHONPATH=REPO, BIDF_DIST_TRACE=trace, **SAME_THREADS)
     with open(tmp_path / "stderr", "w") as err:
-        proc = subprocess.Popen([sys.executable, *TORCHRUN, *flags], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                stderr=err)
+        proc = subprocess.Popen([sys.executable, *TORCHRUN, *flags, *RUN_FLAGS], cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
         last = os.path.join(out, "last.pth")
         deadline = time.time() + 240
         while not os.path.exists(last) and proc.poll() is None and time.time() < deadline:
@@ -106,7 +107,7 @@ def test_killed_process_stops_the_run_which_resumes_with_another_process_count(r
     done = torch.load(last, weights_only=True)["state"]["task"]     # intact
     assert 8 <= done < 24
 
-    res = run_cli(["main.py", *flags, "--resume"], env_extra=ONE_THREAD)      # one process now
+    res = run_cli(["main.py", *flags, "--resume"], env_extra=SAME_THREADS)      # one process now
     assert f"after task {done}" in res.stdout
     assert json.load(open(os.path.join(out, "summary.json")))["tasks"] == 24
     rows = _read_jsonl(os.path.join(out, "metrics.jsonl"))
@@ -166,8 +167,8 @@ def test_evaluate_over_two_processes_scores_the_same_tasks(runs, demo_root, tmp_
     flags = ["--dataset", "demo", "--data_root", demo_root, "--evaluate", os.path.join(one, "best.pth"),
              "--way_train", "10", "--num_sup_test", "1", "--num_qur_test", "3", "--episode_test", "9",
              "--test_inner_update_num", "3"]
-    run_cli(["main.py", *flags, "--out_dir", str(tmp_path / "e1")], env_extra=ONE_THREAD)
-    proc = run_cli([*TORCHRUN, *flags, "--out_dir", str(tmp_path / "e2")], env_extra=ONE_THREAD)
+    run_cli(["main.py", *flags, "--out_dir", str(tmp_path / "e1")], env_extra=SAME_THREADS)
+    proc = run_cli([*TORCHRUN, *flags, "--out_dir", str(tmp_path / "e2")], env_extra=SAME_THREADS)
     s1, s2 = (json.load(open(tmp_path / e / "summary.json")) for e in ("e1", "e2"))
     assert (s1["test_acc"], s1["test_ci"]) == (s2["test_acc"], s2["test_ci"])     # 9 tasks: 5 on rank 0, 4 on rank 1
     assert proc.stdout.count("done:") == 1

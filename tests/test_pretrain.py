@@ -100,7 +100,7 @@ def test_best_epoch_weights_are_a_copy(monkeypatch, device):
 
     def recording_epoch(model, *a, **k):
         loss = real_epoch(model, *a, **k)
-        after_epoch.append({k: v.clone() for k, v in model.state_dict().items()})
+        after_epoch.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
         return loss
     scripted = iter([30.0, 90.0, 10.0, 90.0])       # epochs 0-2, then the reloaded weights
     monkeypatch.setattr(pa, "train_epoch", recording_epoch)
