@@ -1,10 +1,16 @@
 # Sourced by the demo, scenario and test commands: use the active Python environment when it
 # already has torch and torchvision (a virtualenv or conda env you activated: nothing is
 # installed); otherwise make (once) and activate the project's venv, rebuilt whenever
-# requirements.txt changes. Its location: BIDF_VENV (default ~/.cache/bidf-mkd/venv).
+# requirements.txt changes. Its location: BIDF_VENV (default ~/.cache/bidf-mkd/venv; none: the python
+# on PATH as it is).
 _root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] && python -c "import torch, torchvision" >/dev/null 2>&1; then
   : # the activated environment has what the project needs
+elif [ "${BIDF_VENV:-}" = none ]; then
+  # the python on PATH as it is (e.g. a GPU image with its own torch and no network)
+  python -c "import torch, torchvision" >/dev/null 2>&1 \
+    || { echo "[setup] BIDF_VENV=none but $(command -v python || echo python) cannot import torch and torchvision" >&2
+         return 1 2>/dev/null || exit 1; }
 else
   BIDF_VENV="${BIDF_VENV:-$HOME/.cache/bidf-mkd/venv}"
   _stamp="$BIDF_VENV/.requirements.sha256"
