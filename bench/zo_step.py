@@ -10,7 +10,8 @@ network with random batch-norm statistics (speed does not depend on the weights)
   images_per_s      API images queried per second over the timed steps (warm-up excluded)
   peak_mem_mb       CPU: peak RSS during warm-up + timed steps minus RSS before them (the process's
                     high-water mark, getrusage); CUDA: torch.cuda.max_memory_allocated
-  api_forward_share fraction of the timed wall time spent inside the API forward
+  api_forward_share fraction of the timed wall time spent inside the API forward (with lanes running
+                    at once: the API's thread-seconds over the lanes' wall-seconds)
 plus the settings, wall and CPU seconds per step and images per CPU-second (CPU time summed over
 threads; on a busy machine wall time overstates the cost, and with --threads 1 images_per_cpu_s is
 the throughput of one unshared core), the process's absolute peak RSS, OMP_WAIT_POLICY and the load
@@ -39,6 +40,7 @@ from core.errors import BidfError  # noqa: E402
 from dataset.specs import get_spec  # noqa: E402
 from synthesis.api import BlackBoxAPI  # noqa: E402
 from synthesis.recover import ZOConfig, recover  # noqa: E402
+from synthesis.zo import LANES  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -75,7 +77,10 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="torch.compile the API forward")
     p.add_argument("--plain_api", action="store_true",
-                   help="no batch-norm folding, NCHW, no micro-batches (what an unoptimised wrapper does)")
+                   help="no batch-norm folding, NCHW, no micro-batches, and each chunk of directions in one "
+                        "piece, one after another (what an unoptimised wrapper and loop do)")
+    p.add_argument("--lanes", type=int, default=LANES,
+                   help="blocks per chunk of directions, run at once in threads (synthesis/zo.py; 1: in turn)")
     p.add_argument("--no_mkldnn", action="store_true", help="dense channels-last forward instead of oneDNN tensors")
     p.add_argument("--micro_batch", type=int, default=-1, help="images per API forward (-1: default)")
     p.add_argument("--pool", default=None, help="benchmark a pretrained API: pool prefix")
@@ -101,7 +106,8 @@ def main(argv=None) -> dict:
     else:
         api = random_api(a.arch, a.way, a.image_size, device, a.seed, compile=a.compile, **fast)
     build_s = time.perf_counter() - t_build
-    zo = ZOConfig(q=a.q, mu=a.mu, numsplit=a.numsplit)
+    lanes = 1 if a.plain_api else a.lanes
+    zo = ZOConfig(q=a.q, mu=a.mu, numsplit=a.numsplit, lanes=lanes)
     gen = torch.Generator(device=device).manual_seed(a.seed)
 
     if device.type == "cuda":
@@ -111,6 +117,7 @@ def main(argv=None) -> dict:
         recover(api, a.per_class, steps=a.warmup, zo=zo, generator=gen)
     api.timing = True
     q0, api.forward_seconds = api.queries, 0.0
+    concurrent = min(lanes, torch.get_num_threads()) if device.type == "cpu" else 1
     t0, c0 = time.perf_counter(), time.process_time()
     recover(api, a.per_class, steps=a.steps, zo=zo, generator=gen)
     if device.type == "cuda":
@@ -122,13 +129,15 @@ def main(argv=None) -> dict:
     else:
         peak = peak_rss_mb() - rss0
     out = {"images_per_s": round((api.queries - q0) / dt, 1), "peak_mem_mb": round(peak, 1),
-           "api_forward_share": round(api.forward_seconds / dt, 3),
+           # lanes query at once: the API's thread-seconds over the lanes' wall-seconds
+           "api_forward_share": round(api.forward_seconds / (dt * concurrent), 3),
            "seconds_per_step": round(dt / a.steps, 3),
            "cpu_seconds_per_step": round(cpu / a.steps, 3),
            "images_per_cpu_s": round((api.queries - q0) / cpu, 1), "peak_rss_mb": round(peak_rss_mb(), 1), "images_per_step": (api.queries - q0) // a.steps,
            "q": a.q, "numsplit": a.numsplit, "batch": a.way * a.per_class, "image_size": api.spec.image_size,
            "arch": api.arch, "device": str(device), "threads": torch.get_num_threads(),
            "api": "plain" if a.plain_api else ("compile" if a.compile else ("dense" if a.no_mkldnn else "fast")),
+           "lanes": lanes,
            "api_build_s": round(build_s, 1), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
            "loadavg": [round(v, 2) for v in os.getloadavg()]}
     print(json.dumps(out))

@@ -26,7 +26,13 @@ class UpConv3x3(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = torch.einsum("ti,ocij,sj->cots", self.taps, self.weight, self.taps)   # [cin, cout, 4, 4]
+        if _channels_last(self.weight):     # the module's layout, else oneDNN converts at every call
+            kernel = kernel.contiguous(memory_format=torch.channels_last)
         return F.conv_transpose2d(x, kernel, self.bias, stride=2, padding=1)
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 class Generator(nn.Module):
@@ -67,4 +73,8 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.fc(z).view(z.shape[0], -1, self.init_side, self.init_side)
+        if _channels_last(self.body[1].weight):
+            # a channels-last module runs channels-last throughout: a layout change between two of
+            # its layers costs a copy each way (bench/RESULTS.md)
+            h = h.contiguous(memory_format=torch.channels_last)
         return self.body(h)

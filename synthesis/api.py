@@ -20,6 +20,7 @@ import copy
 import io
 import operator
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -43,13 +44,17 @@ class QueryMeter:
     total: int = 0
     per_api: dict[str, int] = field(default_factory=dict)
 
+    # the zero-order estimate's lanes (synthesis/zo.py) query from two threads at once
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
     def charge(self, key: str, n: int) -> None:
-        if self.budget is not None and self.total + n > self.budget:
-            raise QueryBudgetExceeded(
-                f"API query budget of {self.budget} images exceeded ({self.total} spent, this call asks "
-                f"{n} more); raise the budget or lower --generate_iterations/--q")
-        self.total += n
-        self.per_api[key] = self.per_api.get(key, 0) + n
+        with self.lock:
+            if self.budget is not None and self.total + n > self.budget:
+                raise QueryBudgetExceeded(
+                    f"API query budget of {self.budget} images exceeded ({self.total} spent, this call asks "
+                    f"{n} more); raise the budget or lower --generate_iterations/--q")
+            self.total += n
+            self.per_api[key] = self.per_api.get(key, 0) + n
 
 
 # ----------------------------------------------------------------------------- fast inference
@@ -257,7 +262,8 @@ class BlackBoxAPI:
         if self.timing:
             if x.device.type == "cuda":
                 torch.cuda.synchronize(x.device)
-            self.forward_seconds += time.perf_counter() - t0
+            with self._meter.lock:
+                self.forward_seconds += time.perf_counter() - t0
         return probs
 
     def __repr__(self) -> str:

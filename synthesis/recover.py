@@ -28,7 +28,7 @@ from core.config import DEFAULTS, FIELDS
 from core.io import atomic_write
 from dataset.augment import random_crop_flip
 
-from .zo import surrogate, zo_grad
+from .zo import LANES, surrogate, zo_grad
 
 EPS = 1e-12     # keeps log p finite when the API is certain
 
@@ -39,6 +39,7 @@ class ZOConfig:
     q: int = DEFAULTS.q                 # random directions per image per step
     mu: float = DEFAULTS.mu             # smoothing radius of the finite differences
     numsplit: int = DEFAULTS.numsplit   # chunks the q*B perturbed images are queried in
+    lanes: int = LANES                  # CPU: blocks per chunk, run at once in threads (synthesis/zo.py)
 
 
 def per_image_loss(probs: torch.Tensor, target: torch.Tensor, student_logits: torch.Tensor | None = None,
@@ -177,8 +178,9 @@ def recover(api, per_class: int, *, steps: int, lr: float = 1e-3, zo: ZOConfig |
             xin = norm(xd) if normalized else xd
             if cpu:
                 xin = xin.contiguous(memory_format=torch.channels_last)   # perturb in the API's layout
+            # a perturbed-image student runs functional_call on the meta model: not thread-safe
             g, loss = zo_grad(lambda xs: loss_of(xs, s_clean, normalized), xin, zo.q, zo.mu, zo.numsplit,
-                              generator=generator)
+                              generator=generator, lanes=zo.lanes, concurrent=not use_student or clean_student)
             if normalized:
                 g = g * inv_std
             objective = surrogate(xa, g)

@@ -1,6 +1,8 @@
 """Networks: forward shapes for 32/84 inputs and 1/3 channels; the meta model under functional_call."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -48,6 +50,25 @@ def test_generator_shapes(size, channels, device):
     assert any(not torch.equal(a, b) for a, b in zip(before, g.parameters()))   # fresh weights
 
 
+def test_channels_last_generator_runs_channels_last_with_the_same_images(device):
+    """recover() makes the generator channels-last on the CPU: then every layer runs in that layout
+    (no copy between layers), with the images and gradients of the NCHW module (float64)."""
+    torch.manual_seed(0)
+    g = network.build("generator", image_size=32, channels=3, nz=16).double().to(device)
+    g_cl = copy.deepcopy(g).to(memory_format=torch.channels_last)
+    z = torch.randn(5, 16, dtype=torch.float64, device=device)
+    layouts = []        # each layer's input and output
+    for m in g_cl.body:
+        m.register_forward_hook(lambda m, i, o: layouts.extend(
+            t.is_contiguous(memory_format=torch.channels_last) for t in (i[0], o)))
+    x, x_cl = g(z), g_cl(z)
+    assert len(layouts) == 2 * len(g_cl.body) and all(layouts)
+    assert torch.allclose(x, x_cl, rtol=0, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(x.square().sum(), list(g.parameters())),
+                    torch.autograd.grad(x_cl.square().sum(), list(g_cl.parameters()))):
+        assert torch.allclose(a, b, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_generator_upconv_equals_upsample_then_conv(memory_format, device):
     """The fused layer is nearest x2 upsampling + 3x3 convolution: outputs and gradients (input and
@@ -56,7 +77,7 @@ def test_generator_upconv_equals_upsample_then_conv(memory_format, device):
     from network.generator import UpConv3x3
     torch.manual_seed(0)
     for bias, (h, w) in ((False, (8, 8)), (True, (5, 6))):
-        fused = UpConv3x3(6, 4, bias=bias).double().to(device)
+        fused = UpConv3x3(6, 4, bias=bias).double().to(device, memory_format=memory_format)
         plain = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(6, 4, 3, padding=1, bias=bias)).double().to(device)
         plain[1].load_state_dict(fused.state_dict())
         x = torch.randn(3, 6, h, w, dtype=torch.float64, device=device).contiguous(memory_format=memory_format)

@@ -114,8 +114,8 @@ def test_zo_same_result_for_any_numsplit(device):
     torch.testing.assert_close(g_cl, ref, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.cpu_only("torch fills CPU normals in aligned blocks of 16; elsewhere a seed's draws depend on the "
-                      "tensor's shape, so on numsplit")
+@pytest.mark.cpu_only("on the CPU each direction is drawn from its own seed; elsewhere one draw per chunk, so "
+                      "a seed's directions depend on numsplit")
 def test_zo_seeded_directions_do_not_depend_on_numsplit():
     x = torch.rand(6, 3, 8, 8, dtype=torch.float64)
     # drawn here from a seed: on the CPU the directions, hence the estimate, do not depend on numsplit
@@ -125,6 +125,28 @@ def test_zo_seeded_directions_do_not_depend_on_numsplit():
         torch.testing.assert_close(g, by_seed[0], rtol=1e-9, atol=1e-9)
     assert not torch.allclose(by_seed[0], zo_grad(smooth_loss, x, q=12, mu=1e-2, numsplit=1,
                                                   generator=torch.Generator().manual_seed(4))[0])
+
+
+@pytest.mark.cpu_only("lanes (two blocks of directions at once, in two threads) are the CPU's")
+def test_zo_lanes_give_the_estimate_of_one_thread():
+    """Two blocks of directions at once in two threads, through a real API in float32: the same
+    estimate, bit for bit, and the same query count as one block at a time on one thread."""
+    api = BlackBoxAPI(random_model("conv4"), range(5), DEMO, "conv4")
+    target = torch.arange(5).repeat(3)
+    x = torch.rand(15, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+
+    def estimate(concurrent: bool, threads: int):
+        torch.set_num_threads(threads)
+        try:
+            return zo_grad(lambda xs: -torch.log(api(xs)[torch.arange(len(xs)), target.repeat(len(xs) // 15)]),
+                           x, q=12, mu=0.005, numsplit=3, generator=torch.Generator().manual_seed(0),
+                           concurrent=concurrent)
+        finally:
+            torch.set_num_threads(min(2, os.cpu_count() or 1))
+    (g1, l1), q1 = estimate(False, 1), api.queries
+    (g2, l2), q2 = estimate(True, 2), api.queries - q1
+    assert q1 == q2 == 13 * 15
+    assert torch.equal(g1, g2) and torch.equal(l1, l2) and g1.abs().sum() > 0
 
 
 def test_surrogate_hands_the_estimate_to_autograd(device):
