@@ -8,8 +8,8 @@
 #   5. 600-task meta-test evaluations, 5-way 1-shot and 5-shot, of the random-init meta model and of the
 #      two meta-trained models (chosen on meta_val; the 5-shot rows reuse the 1-shot-trained models)
 #   6. results.md / results.json and figs/ in the run directory (its path is the last line printed)
-# Both cores stay busy (docs/demo.md): 2 runs as two processes (torchrun, four APIs each); then worker 1
-# runs 3 while worker 2 runs 4, and both then take the evaluations of 5 from one queue.
+# Two workers keep both cores busy (docs/demo.md): worker 1 runs 2 then 3, worker 2 runs 4 (it needs
+# no API pool, so it starts beside 2), and both then take the evaluations of 5 from one queue.
 # Interrupted? Rerun with DEMO_OUT=<that directory>: finished stages are skipped, the rest resumes.
 # Scale knobs (environment): DEMO_APIS, DEMO_TASKS, DEMO_Q, DEMO_GEN_ITERS, DEMO_TEST_TASKS.
 # DEMO_RECIPE=improved runs every row (method and baselines) with --recipe improved.
@@ -66,17 +66,14 @@ train() {   # train METHOD FLAGS...: one meta-training run (a failure is marked 
   seconds "$method"
 }
 
-# The API pool on both cores: two processes, each API trained by one of them (the same files as one
-# process writes, docs/pretraining.md).
-echo "[demo] == pretrain (two processes)"
-python -m torch.distributed.run --standalone --nproc_per_node 2 pretrain.py --preset demo "${API_EPOCHS[@]}" \
-  ${DEMO_APIS:+--APInum "$DEMO_APIS"} || touch "$OUT/.failed_bidf_mkd"
-seconds pretrain
 # Worker 2 (log: baselines.log): MAML on the real images, then evaluations.
 ( train maml_real --baseline maml_real && take_evaluations ) > "$OUT/baselines.log" 2>&1 &
 worker2=$!
-# Worker 1 (shown): BiDf-MKD, then evaluations.
-echo "[demo] == bidf_mkd (beside it: MAML on real images; log: $OUT/baselines.log)"
+# Worker 1 (shown): the API pool, BiDf-MKD, then evaluations.
+echo "[demo] == pretrain (beside it: MAML on real images; log: $OUT/baselines.log)"
+python pretrain.py --preset demo "${API_EPOCHS[@]}" ${DEMO_APIS:+--APInum "$DEMO_APIS"} || touch "$OUT/.failed_bidf_mkd"
+seconds pretrain
+echo "[demo] == bidf_mkd"
 [ -f "$OUT/.failed_bidf_mkd" ] || train bidf_mkd --visit_threads 2 || true
 echo "[demo] == evaluations (600 tasks per row; logs: $OUT/eval/)"
 take_evaluations
