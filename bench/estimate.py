@@ -225,8 +225,15 @@ def estimate(flags: list[str], device, *, visits: str = "bound", quick: bool = F
     adapt_m = adaptation(cfg, meta, device, reps)
     _log(f"replay meta-batch ({cfg.episode_batch} x {cfg.way_train}-way {cfg.num_sup_train}-shot)")
     replay_m = replay_batch(cfg, meta, device, plan, cfg.num_sup_train)
-    _log(f"evaluation task ({cfg.way_test}-way {cfg.num_sup_test}-shot)")
-    eval_m = eval_task(cfg, meta, device, plan, cfg.num_sup_test)
+    _log(f"evaluation task ({cfg.way_test}-way {cfg.num_sup_test}-shot"
+         + (f", and chunks of {cfg.eval_chunk} vmapped)" if cfg.eval_chunk > 1 else ")"))
+    eval_m = eval_task(cfg, meta, device, plan, cfg.num_sup_test,
+                       chunks=(cfg.eval_chunk,) if cfg.eval_chunk > 1 else ())
+    # what the run's flags make main.py run: one task at a time, or vmapped (--replay_vmap, --eval_chunk)
+    replay_run = replay_m["vmap"] if cfg.replay_vmap else replay_m
+    eval_run = eval_m["vmap_chunks"][str(cfg.eval_chunk)] if cfg.eval_chunk > 1 else eval_m
+    replay_each = replay_run["seconds"]
+    eval_each = eval_run["vmap_seconds_per_task"] if cfg.eval_chunk > 1 else eval_m["seconds"]
     mbps = write_speed()
 
     # one visit, averaged over the API geometries a visit draws
@@ -248,10 +255,10 @@ def estimate(flags: list[str], device, *, visits: str = "bound", quick: bool = F
     visit_s = gi * (sup + qry) + 2 * setup + adapt_m["seconds"]
     visit_plain_s = gi * (sup + plain_qry) + 2 * setup + adapt_m["seconds"]
     visits_s = v_boundary * visit_s + (n_visits - v_boundary) * visit_plain_s
-    replay_s = (tasks - n_visits) / cfg.episode_batch * replay_m["seconds"]
+    replay_s = (tasks - n_visits) / cfg.episode_batch * replay_each
     n_evals = count_evaluations(cfg)
     eval_tasks = n_evals * 2 * geo["eval_datasets"] * cfg.episode_test
-    eval_s = eval_tasks * eval_m["seconds"]
+    eval_s = eval_tasks * eval_each
 
     # bytes: the memory, the checkpoints, TensorBoard
     image_bytes = 3 * meta * meta
@@ -270,8 +277,8 @@ def estimate(flags: list[str], device, *, visits: str = "bound", quick: bool = F
 
     peaks = {"support step": max(st["support_step"]["peak_mem_mb"] for st in steps.values()),
              "query step": max(st["query_step"]["peak_mem_mb"] for st in steps.values()),
-             "adaptation": adapt_m["peak_mem_mb"], "replay": replay_m["peak_mem_mb"],
-             "evaluation": eval_m["peak_mem_mb"]}
+             "adaptation": adapt_m["peak_mem_mb"], "replay": replay_run["peak_mem_mb"],
+             "evaluation": eval_run["peak_mem_mb"]}
     ram_memory_mb = memory_bytes / 2 ** 20
     api_cache_mb = 8 * _api_mb(geo["archs"], cfg.way_pretrain, max(geo["api_sizes"]))
     if device.type == "cuda":
@@ -284,7 +291,7 @@ def estimate(flags: list[str], device, *, visits: str = "bound", quick: bool = F
 
     def total_with(v: int) -> float:     # the same measurements under another visit count
         vb = round(v * boundary_share)
-        return (vb * visit_s + (v - vb) * visit_plain_s + (tasks - v) / cfg.episode_batch * replay_m["seconds"]
+        return (vb * visit_s + (v - vb) * visit_plain_s + (tasks - v) / cfg.episode_batch * replay_each
                 + eval_s + ckpt_s)
     alternatives = {}
     for name in ("bound", "demo"):
@@ -300,12 +307,13 @@ def estimate(flags: list[str], device, *, visits: str = "bound", quick: bool = F
                   f"{n_visits - v_boundary} visit(s) before advstartit recover the query set without the student "
                   f"(support step scaled by images: {plain_qry:.3f} s){archs}"},
         {"stage": "replay", "count": tasks - n_visits, "unit": "tasks",
-         "each_s": replay_m["seconds"] / cfg.episode_batch, "hours": replay_s / 3600,
-         "basis": f"measured meta-batch of {cfg.episode_batch} tasks ({replay_m['seconds']:.3f} s) x meta-batches "
-                  "of replay tasks"},
-        {"stage": "evaluation", "count": eval_tasks, "unit": "tasks", "each_s": eval_m["seconds"],
-         "hours": eval_s / 3600, "basis": f"measured task x {n_evals} evaluations x {2 * geo['eval_datasets']} "
-                                          f"splits x {cfg.episode_test} tasks"},
+         "each_s": replay_each / cfg.episode_batch, "hours": replay_s / 3600,
+         "basis": f"measured meta-batch of {cfg.episode_batch} tasks ({replay_each:.3f} s"
+                  f"{', vmapped' if cfg.replay_vmap else ''}) x meta-batches of replay tasks"},
+        {"stage": "evaluation", "count": eval_tasks, "unit": "tasks", "each_s": eval_each,
+         "hours": eval_s / 3600,
+         "basis": f"measured task{f' (in vmapped chunks of {cfg.eval_chunk})' if cfg.eval_chunk > 1 else ''} x "
+                  f"{n_evals} evaluations x {2 * geo['eval_datasets']} splits x {cfg.episode_test} tasks"},
         {"stage": "checkpoints", "count": n_saves, "unit": "saves", "each_s": ckpt_s / max(1, n_saves),
          "hours": ckpt_s / 3600, "basis": f"{ckpt_bytes / 2 ** 30:.3f} GB written (model, Adam state, new memory "
                                           f"files, best.pth) at the measured {mbps:.0f} MB/s"},
@@ -314,7 +322,9 @@ def estimate(flags: list[str], device, *, visits: str = "bound", quick: bool = F
         "flags": flags, "device": str(device), "environment": environment(device),
         "loadavg": {"start": load0, "end": loadavg()}, "measure_seconds": round(time.perf_counter() - t0, 1),
         "measured": {"recovery_steps": {str(k): v for k, v in steps.items()}, "api_forward_factor": arch_factor,
-                     "adaptation": adapt_m, "replay_batch": _pick(replay_m), "eval_task": _pick(eval_m),
+                     "adaptation": adapt_m, "replay_batch": {**_pick(replay_m), "vmap": _pick(replay_m["vmap"])},
+                     "eval_task": {**_pick(eval_m),
+                                   "vmap_chunks": {c: _pick(v) for c, v in eval_m["vmap_chunks"].items()}},
                      "write_mb_per_s": round(mbps, 1)},
         "assumptions": {"api_visits": visit_basis, "boundary_visits": v_boundary, "alternatives": alternatives,
                         "memory": f"{geo['classes']} classes x {held:.1f} sets held on average"},
@@ -327,7 +337,8 @@ def estimate(flags: list[str], device, *, visits: str = "bound", quick: bool = F
 
 
 def _pick(m: dict) -> dict:
-    return {k: m[k] for k in ("seconds", "reps", "peak_mem_mb") if k in m}
+    return {k: m[k] for k in ("seconds", "seq_seconds_per_task", "vmap_seconds_per_task", "reps", "peak_mem_mb")
+            if k in m}
 
 
 def _n_params(cfg, meta: int) -> int:

@@ -247,13 +247,13 @@ def replay_batch(cfg, size: int, device: torch.device, plan: Plan, shot: int) ->
 EVAL_CHUNKS = (4, 16)       # tasks per vmapped chunk measured against the one-task path
 
 
-def eval_task(cfg, size: int, device: torch.device, plan: Plan, shot: int) -> dict:
+def eval_task(cfg, size: int, device: torch.device, plan: Plan, shot: int, chunks=EVAL_CHUNKS) -> dict:
     """One test task on the one-task path (main.py's default), then, for each chunk size, the same
     tasks one at a time and as one vmapped chunk (--eval_chunk), back to back in each repetition."""
     from methods.maml import accuracies_vmapped, accuracy_after_adapt, meta_params
     model, prep = _meta_model(cfg, cfg.way_test, size, device)
     params = meta_params(model)
-    tasks = [synthetic_task(cfg.way_test, shot, cfg.num_qur_test, size, device, i) for i in range(max(EVAL_CHUNKS))]
+    tasks = [synthetic_task(cfg.way_test, shot, cfg.num_qur_test, size, device, i) for i in range(max((4, *chunks)))]
     i = iter(range(10 ** 9))
     args = (cfg.test_inner_update_num, cfg.inner_lr, prep, cfg.way_test)
 
@@ -268,18 +268,20 @@ def eval_task(cfg, size: int, device: torch.device, plan: Plan, shot: int) -> di
     out = _summary(recs, device)
     out.update(shot=shot, tasks_per_s=round(1 / out["seconds"], 2),
                seconds_600_tasks=round(600 * out["seconds"], 1), **mem.result())
-    chunks = {}
-    for c in EVAL_CHUNKS:
+    measured = {}
+    for c in chunks:
         group = tasks[:c]
         seq = lambda: [accuracy_after_adapt(model, params, t, *args) for t in group]     # noqa: E731
         vm = lambda: accuracies_vmapped(model, params, group, *args)                       # noqa: E731
         m = _peak(vm, device)
         pr = _paired(seq, vm, device, plan)
         a, b = median(pr, "a") / c, median(pr, "b") / c
-        chunks[str(c)] = {"reps": len(pr), "seq_seconds_per_task": round(a, 4), "vmap_seconds_per_task": round(b, 4),
-                          "speedup": round(a / b, 3), "speedups_all": [round(r["a"] / r["b"], 3) for r in pr],
-                          "seconds_600_tasks_seq": round(600 * a, 1), "seconds_600_tasks_vmap": round(600 * b, 1), **m}
-    out["vmap_chunks"] = chunks
+        measured[str(c)] = {"reps": len(pr), "seq_seconds_per_task": round(a, 4),
+                            "vmap_seconds_per_task": round(b, 4), "speedup": round(a / b, 3),
+                            "speedups_all": [round(r["a"] / r["b"], 3) for r in pr],
+                            "seconds_600_tasks_seq": round(600 * a, 1), "seconds_600_tasks_vmap": round(600 * b, 1),
+                            **m}
+    out["vmap_chunks"] = measured
     return out
 
 

@@ -320,12 +320,29 @@ def test_estimate_prints_a_projection_and_json_last():
     assert "measured" in text and "extrapolated" in text and "bound" in text
 
 
+def test_estimate_projects_the_vmapped_paths_the_flags_ask_for(tmp_path):
+    """--replay_vmap and --eval_chunk N: the projection uses the vmapped meta-batch and the vmapped
+    chunk of N tasks it measured, not the one-task paths."""
+    import json
+    out = str(tmp_path / "estimate.json")
+    run_cli(["-m", "bench", "--estimate", "--quick", "--out", out, "--", "--preset", "demo", "--generate_iterations",
+             "2", "--q", "2", "--num_sup_kd", "2", "--num_qur_kd", "2", "--episode_test", "10",
+             "--replay_vmap", "--eval_chunk", "3"])
+    doc = json.load(open(out))
+    stages = {s["stage"]: s for s in doc["stages"]}
+    replay, ev = doc["measured"]["replay_batch"], doc["measured"]["eval_task"]
+    assert stages["replay"]["each_s"] == pytest.approx(replay["vmap"]["seconds"] / 4)
+    assert stages["evaluation"]["each_s"] == pytest.approx(ev["vmap_chunks"]["3"]["vmap_seconds_per_task"])
+    assert "vmapped" in stages["replay"]["basis"] and "chunks of 3" in stages["evaluation"]["basis"]
+
+
 def test_gpu_check_dry_run_lists_and_parses_its_commands(tmp_path):
     env = dict(os.environ, GPU_CHECK_OUT=str(tmp_path / "gpu"))
     proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     steps = [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("[gpu_check] ") and ">" in line]
-    assert steps == ["[gpu_check] tests", "[gpu_check] bench", "[gpu_check] visit", "[gpu_check] estimate"]
+    assert steps == ["[gpu_check] tests", "[gpu_check] bench", "[gpu_check] visit", "[gpu_check] estimate",
+                     "[gpu_check] estimate_vmap"]
     assert "BIDF_TEST_DEVICE=cuda bash tests/run.sh" in proc.stdout and "--kd_steps 200" in proc.stdout
     assert not os.path.exists(tmp_path / "gpu")             # a dry run writes nothing
