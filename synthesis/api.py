@@ -45,14 +45,20 @@ class QueryMeter:
     per_api: dict[str, int] = field(default_factory=dict)
 
     # the zero-order estimate's lanes (synthesis/zo.py) query from two threads at once
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def charge(self, key: str, n: int) -> None:
+        """Count n queries to API `key`; refused, counting nothing, if they would exceed the budget."""
         with self.lock:
             if self.budget is not None and self.total + n > self.budget:
                 raise QueryBudgetExceeded(
                     f"API query budget of {self.budget} images exceeded ({self.total} spent, this call asks "
                     f"{n} more); raise the budget or lower --generate_iterations/--q")
+            self.count(key, n)
+
+    def count(self, key: str, n: int) -> None:
+        """Count n queries already made (by this process, or another process of the run)."""
+        with self.lock:
             self.total += n
             self.per_api[key] = self.per_api.get(key, 0) + n
 

@@ -171,8 +171,7 @@ class APIPool:
         """Count queries another process of the run made ({API key: queries}), so that every process
         holds the run's total (the budget spans them all)."""
         for key, n in per_api.items():
-            self.meter.total += int(n)
-            self.meter.per_api[key] = self.meter.per_api.get(key, 0) + int(n)
+            self.meter.count(key, int(n))
 
     # -- resume
     def state_dict(self) -> dict:

@@ -97,10 +97,10 @@ def zo_grad(loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, q:
         seeds = torch.randint(0, 2 ** 62, (q,), generator=generator).tolist()
 
     def draw(j0: int, j1: int) -> torch.Tensor:
-        """Raw directions j0..j1-1, [n, B, d] in x's memory order (a fresh tensor: used in place)."""
+        """Raw directions j0..j1-1, [n, B, d] in x's memory order (read only)."""
         n = j1 - j0
         if directions is not None:
-            return to_flat(directions[j0:j1].reshape(n * b, *shape).to(x.device, x.dtype)).view(n, b, d).clone()
+            return to_flat(directions[j0:j1].reshape(n * b, *shape).to(x.device, x.dtype)).view(n, b, d)
         if seeds is None:
             return torch.randn(n, b, d, device=x.device, dtype=x.dtype, generator=generator)
         u = torch.empty(n, b, d, dtype=x.dtype)
