@@ -10,8 +10,8 @@
 #   bash bench/gpu_check.sh              # on the GPU machine
 #   BIDF_VENV=none bash bench/gpu_check.sh   # with the torch already installed there (no network)
 #   bash bench/gpu_check.sh --dry-run    # print the commands and check that they parse; needs no GPU
-# With pytest-xdist installed the tests run over 6 workers (the suite took 165 s so on an H100 host,
-# over 240 s one test at a time).
+# With pytest-xdist installed the tests run over 6 workers (much shorter on a GPU machine's many cores:
+# bench/RESULTS.md, "GPU").
 set -eo pipefail
 DRY=0
 case "${1:-}" in

@@ -84,10 +84,10 @@ class Config:
     approx: bool = _task(False, "first-order MAML")
     episode_batch: int = _task(4, "tasks per meta-batch (one Adam step)")
     eval_chunk: int = _task(1, "evaluation tasks adapted together as one vmapped computation, memory growing with "
-                                "it (1: one at a time, the faster on a CPU; on a GPU 16 is ~4x faster; "
+                                "it (1: one at a time, the faster on a CPU; 16 is the faster on a GPU; "
                                 "bench/RESULTS.md)")
     replay_vmap: bool = _task(False, "a meta-batch's replay tasks as one vmapped computation (off: one at a "
-                                     "time, the faster on a CPU; on a GPU ~2x faster; bench/RESULTS.md)")
+                                     "time, the faster on a CPU; on, the faster on a GPU; bench/RESULTS.md)")
     val_interval: int = _task(2000, "tasks between evaluations")
     save_interval: int = _task(2000, "tasks between checkpoints")
     # bi-level meta knowledge distillation
