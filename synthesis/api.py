@@ -128,6 +128,67 @@ def onednn_friendly(net: nn.Module) -> bool:
     return True
 
 
+def onednn_chain(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The folded network as a flat sequence of oneDNN kernel calls, when its graph is a chain of
+    convolutions, max-pools and ReLUs ending in flatten -> Linear (conv4); None for anything else.
+
+    The same kernels as the network converted module by module (torch.utils.mkldnn), without the
+    per-layer module dispatch, which costs ~5% of a conv4 forward on 128 images (bench/RESULTS.md).
+    The head runs dense: its input is a few values per image.
+    """
+    if not isinstance(net, torch.fx.GraphModule):
+        return None
+    mods = dict(net.named_modules())
+    steps, prev, head = [], None, None
+    for node in net.graph.nodes:
+        if node.op == "placeholder":
+            prev = node
+            continue
+        if node.op == "output":
+            break
+        if head is not None and not (node.op == "call_module" and isinstance(mods[node.target], nn.Linear)):
+            return None                                 # only the head may follow the flatten
+        if not node.args or node.args[0] is not prev or len(node.users) != 1:
+            return None
+        prev = node
+        m = mods.get(node.target) if node.op == "call_module" else None
+        if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+            w = torch._C._nn.mkldnn_reorder_conv2d_weight(m.weight.detach().contiguous().to_mkldnn(), list(m.padding),
+                                                          list(m.stride), list(m.dilation), m.groups)
+            b = (m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_channels)).to_mkldnn()
+            steps.append(lambda h, w=w, b=b, m=m: torch.mkldnn_convolution(h, w, b, list(m.padding), list(m.stride),
+                                                                          list(m.dilation), m.groups))
+        elif isinstance(m, nn.MaxPool2d):
+            pair = torch.nn.modules.utils._pair
+            k, st, pad, dil = (list(pair(v)) for v in (m.kernel_size, m.stride or m.kernel_size, m.padding, m.dilation))
+            steps.append(lambda h, k=k, st=st, pad=pad, dil=dil, c=m.ceil_mode: torch.mkldnn_max_pool2d(h, k, st, pad,
+                                                                                                       dil, c))
+        elif isinstance(m, nn.ReLU) or (node.op == "call_method" and node.target in ("relu", "relu_")) \
+                or (node.op == "call_function" and node.target is torch.relu):
+            steps.append(torch.relu_)
+        elif isinstance(m, nn.Identity):
+            pass
+        elif (node.op == "call_method" and node.target == "flatten"
+              or node.op == "call_function" and node.target is torch.flatten) and head is None:
+            if tuple(node.args[1:]) != (1,) or node.kwargs:
+                return None
+            head = False                                # the Linear comes next
+        elif isinstance(m, nn.Linear) and head is False:
+            head = m
+        else:
+            return None
+    if not isinstance(head, nn.Linear) or not steps:
+        return None
+    weight, bias = head.weight.detach(), (head.bias.detach() if head.bias is not None else None)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        h = x.to_mkldnn()
+        for step in steps:
+            h = step(h)
+        return F.linear(h.to_dense().flatten(1), weight, bias)
+    return forward
+
+
 def inference_forward(model: nn.Module, device, *, grad: bool = False, mkldnn: bool | None = None,
                       channels_last: bool | None = None, micro_batch: int | None = -1, compile: bool = False,
                       fold_bn: bool = True, example: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -166,9 +227,11 @@ def inference_forward(model: nn.Module, device, *, grad: bool = False, mkldnn: b
         try:    # quietly: torch.fx prints the failing line of an unsupported op before raising
             with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
                 warnings.simplefilter("ignore")
-                from torch.utils import mkldnn as mkldnn_utils
-                mk = mkldnn_utils.to_mkldnn(copy.deepcopy(net).to(memory_format=torch.contiguous_format))
-                mk_fn = lambda x: mk(x.to_mkldnn()).to_dense()     # noqa: E731
+                mk_fn = onednn_chain(net)
+                if mk_fn is None:       # not a chain (e.g. residual blocks): the network converted module by module
+                    from torch.utils import mkldnn as mkldnn_utils
+                    mk = mkldnn_utils.to_mkldnn(copy.deepcopy(net).to(memory_format=torch.contiguous_format))
+                    mk_fn = lambda x: mk(x.to_mkldnn()).to_dense()     # noqa: E731
                 with torch.inference_mode():
                     ex = example.to(device)
                     if torch.allclose(mk_fn(ex.contiguous()), net(_layout(ex, channels_last)), rtol=1e-4, atol=1e-5):

@@ -15,7 +15,7 @@ import network
 from core.errors import CheckpointError, DataError
 from dataset.specs import get_spec
 from synthesis import APIPool, BlackBoxAPI, QueryBudgetExceeded, TaskMemory, ZOConfig, surrogate, zo_grad
-from synthesis.api import inference_forward
+from synthesis.api import fold_batchnorm, inference_forward, onednn_chain
 from synthesis.memory import check_replay_flags
 from synthesis.store import pool_dir
 from synthesis.recover import affine_normalizer, recover
@@ -217,6 +217,18 @@ def test_dense_cpu_api_equals_plain_eval_model(arch):
     dense = inference_forward(model, "cpu", mkldnn=False, micro_batch=None, example=x[:2])
     with torch.no_grad():
         torch.testing.assert_close(F.softmax(dense(x), 1), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cpu_only("oneDNN tensors are the CPU's")
+def test_onednn_chain_runs_conv4_with_the_converted_modules_kernels():
+    from torch.utils import mkldnn as mkldnn_utils
+    net = fold_batchnorm(random_model("conv4"))
+    chain = onednn_chain(net)
+    assert chain is not None and onednn_chain(fold_batchnorm(random_model("resnet10"))) is None   # not a chain
+    mk = mkldnn_utils.to_mkldnn(net)
+    x = torch.randn(70, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert torch.equal(chain(x), mk(x.to_mkldnn()).to_dense())     # the same kernels: the same bits
 
 
 # ----------------------------------------------------------------------------- the pool
