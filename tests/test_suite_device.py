@@ -28,7 +28,7 @@ def test_cpu_only_tests_skip_with_their_reason_off_the_cpu():
     # meta: a device that is not the CPU and needs no GPU; -m cpu_only runs nothing on it
     proc = _pytest("meta", "-rs", "-m", "cpu_only", "tests/test_synthesis.py")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "4 skipped" in proc.stdout and "passed" not in proc.stdout and "failed" not in proc.stdout
+    assert "5 skipped" in proc.stdout and "passed" not in proc.stdout and "failed" not in proc.stdout
     skips = [line for line in proc.stdout.splitlines() if line.startswith("SKIPPED")]
     assert skips and all("cpu_only on meta: " in line for line in skips)
     assert any("its own seed" in line for line in skips)                     # the marker's own reason
@@ -37,4 +37,4 @@ def test_cpu_only_tests_skip_with_their_reason_off_the_cpu():
 
 def test_cpu_only_tests_run_on_the_cpu():
     proc = _pytest("cpu", "-m", "cpu_only", "tests/test_synthesis.py")
-    assert proc.returncode == 0 and "4 passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout
+    assert proc.returncode == 0 and "5 passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout
