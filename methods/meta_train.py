@@ -131,7 +131,7 @@ def evaluate_all(model: nn.Module, cfg: Config, splits: list[EvalSplit], prep: M
         tasks = fixed_tasks(s.data, cfg.way_test, cfg.num_sup_test, cfg.num_qur_test, cfg.episode_test,
                             cfg.eval_seed, indices=mine)
         accs = task_accuracies(model, params, tasks, cfg.test_inner_update_num, cfg.inner_lr, prep, cfg.way_test,
-                               device, chunk=cfg.eval_chunk)
+                               device, chunk=cfg.eval_chunk, lanes=cfg.eval_lanes)
         res[(s.split, s.dataset)] = confidence_interval(dist.gather_items(dict(zip(mine, accs)), procs).values())
     if cfg.mh:
         for split in dict.fromkeys(s.split for s in splits):

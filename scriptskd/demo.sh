@@ -46,14 +46,17 @@ model_ready() {   # model_ready METHOD: 0 once trained, 1 while training, 2 if i
   return 1
 }
 take_evaluations() {   # run queued evaluations until none is left to claim
-  local job method shot rc
+  local job method shot rc lanes
   for job in "${EVAL_JOBS[@]}"; do
     mkdir "$OUT/.queue/$job" 2>/dev/null || continue      # claimed by the other worker
     method=${job%:*}; shot=${job#*:}
     while rc=0; model_ready "$method" || rc=$?; [ "$rc" = 1 ]; do sleep 2; done
     [ "$rc" = 2 ] && continue
+    # BiDf-MKD's two evaluations come last, with nothing left for the other worker to run: two lanes
+    # each (two tasks at once, one thread per lane: the same accuracies) keep both cores busy to the end.
+    lanes=1; [ "$method" = bidf_mkd ] && lanes=2
     python main.py --preset demo "${RECIPE[@]}" --evaluate "$(checkpoint "$method")" --num_sup_test "$shot" \
-      --episode_test "$TEST_TASKS" --out_dir "$OUT/eval/${method}_${shot}shot" --resume \
+      --episode_test "$TEST_TASKS" --eval_lanes "$lanes" --out_dir "$OUT/eval/${method}_${shot}shot" --resume \
       > "$OUT/eval/${method}_${shot}shot.log" 2>&1 \
       || { touch "$OUT/.failed_evaluation_${method}_${shot}shot"; continue; }
     grep -h "^done:" "$OUT/eval/${method}_${shot}shot.log" || true

@@ -243,6 +243,7 @@ def test_resume_after_kill_continues_to_the_same_task_count(demo_root, demo_pool
     (["--num_qur_train", "40"], "memory replay needs 41 images per class"),
     (["--query_budget", "100"], "--query_budget 100 does not cover one API visit"),
     (["--resume", "--overwrite"], "contradict"),
+    (["--eval_lanes", "2", "--eval_chunk", "4"], "--eval_lanes 2 and --eval_chunk 4: pass one"),
 ])
 def test_bad_flags_fail_fast_with_one_line(extra, message, demo_root, demo_pool, tmp_path):
     from main import main

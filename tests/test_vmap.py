@@ -1,6 +1,7 @@
 """Tasks batched with torch.func.vmap: the vmapped evaluation and replay meta-batch give the
 one-task-at-a-time results (float64: to rounding; float32: to float tolerance), and a training
-run with --replay_vmap draws the same tasks and reaches the same metrics."""
+run with --replay_vmap draws the same tasks and reaches the same metrics. Evaluation tasks run in
+lanes (threads) give a one-thread run's accuracies exactly."""
 from __future__ import annotations
 
 import copy
@@ -13,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from dataset import Task
+from core.errors import FlagError
 from methods.maml import (_ElementwiseBatchNorm, accuracy_after_adapt, adapt, ce_loss, evaluate, forward,
-                          meta_params, query_logits_vmapped)
+                          meta_params, query_logits_vmapped, task_accuracies)
 from methods.replay import replay_task, replay_tasks
 from network import build
 
@@ -88,6 +90,26 @@ def test_vmapped_evaluation_per_task_accuracies_and_mixed_shapes():
     # shapes change inside the stream: cut into chunks of equal shapes
     assert evaluate(model, params, tasks, 3, 0.01, _prep, way, DEVICE, chunk=4) == \
         pytest.approx(evaluate(model, params, tasks, 3, 0.01, _prep, way, DEVICE), abs=1e-9)
+
+
+@pytest.mark.cpu_only("evaluation lanes are CPU threads")
+def test_evaluation_lanes_give_the_accuracies_of_one_thread():
+    way, steps, lr = 5, 10, 0.05
+    model = _model(torch.float32)
+    params = meta_params(model)
+    tasks = _tasks(13, way, 1, 15, torch.float32, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        seq = task_accuracies(model, params, tasks, steps, lr, _prep, way, DEVICE)
+        assert len(set(seq)) > 3                    # tasks the adaptation scores differently
+        for lanes in (2, 3):                        # 13 tasks: lanes finish out of order
+            assert task_accuracies(model, params, iter(tasks), steps, lr, _prep, way, DEVICE, lanes=lanes) == seq
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+    with pytest.raises(FlagError, match="--eval_chunk 1"):
+        task_accuracies(model, params, tasks, steps, lr, _prep, way, DEVICE, chunk=4, lanes=2)
 
 
 # ------------------------------------------------------------------ replay meta-batch
