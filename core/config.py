@@ -25,8 +25,8 @@ PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 # settings shape the pool, not the meta-training run).
 RUNTIME_KEYS = ("multigpu", "evaluate", "gpu", "resume", "overwrite", "out_dir", "data_root",
                 "pretrained_path_prefix", "pretrain", "workers", "tensorboard", "api_seed", "epochs",
-                "batch_size", "lr", "api_augment", "api_patience", "eval_chunk", "eval_lanes", "replay_vmap",
-                "visit_threads", "deterministic")
+                "batch_size", "lr", "api_augment", "api_patience", "eval_chunk", "eval_lanes", "replay_lanes",
+                "replay_vmap", "visit_threads", "deterministic")
 
 
 def _opt(group: str):
@@ -89,6 +89,9 @@ class Config:
     eval_lanes: int = _task(1, "CPU: N evaluation tasks at once, each in a thread of its own with 1/N of the "
                                 "process's threads (at least one); a task scores what it would on that many "
                                 "threads (1: one task at a time; bench/RESULTS.md)")
+    replay_lanes: int = _task(1, "CPU: a meta-batch's replay tasks N at once, each in a thread of its own with 1/N "
+                                  "of the process's threads (at least one); a task's gradient is what it would be "
+                                  "on that many threads (1: one task at a time; bench/RESULTS.md)")
     replay_vmap: bool = _task(False, "a meta-batch's replay tasks as one vmapped computation (off: one at a "
                                      "time, the faster on a CPU; on, the faster on a GPU; bench/RESULTS.md)")
     val_interval: int = _task(2000, "tasks between evaluations")
@@ -353,6 +356,9 @@ def check(cfg: Config) -> None:
         raise FlagError(f"--evaluate {cfg.evaluate}: no such checkpoint; pass a run's best.pth or last.pth")
     if cfg.resume and cfg.overwrite:
         raise FlagError("--resume and --overwrite contradict each other; pass one")
+    if cfg.replay_lanes > 1 and cfg.replay_vmap:
+        raise FlagError(f"--replay_lanes {cfg.replay_lanes} and --replay_vmap: pass one (lanes run the replay tasks "
+                        "in CPU threads one at a time each; vmap batches them, the faster on a GPU)")
     if cfg.eval_lanes > 1 and cfg.eval_chunk > 1:
         raise FlagError(f"--eval_lanes {cfg.eval_lanes} and --eval_chunk {cfg.eval_chunk}: pass one (lanes run tasks "
                         "in CPU threads one at a time each; chunks batch them, the faster on a GPU)")

@@ -5,10 +5,6 @@ buffers), so a task-specific model is just another dict of tensors: θ' = adapt(
 """
 from __future__ import annotations
 
-import copy
-import threading
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -19,6 +15,7 @@ from torch.func import functional_call, grad, vmap
 from torch.overrides import TorchFunctionMode
 
 from core.errors import FlagError
+from core.lanes import map_in_lanes
 
 Params = dict[str, torch.Tensor]
 Prep = Callable[[torch.Tensor], torch.Tensor]   # images in [0, 1] -> meta-model input
@@ -206,44 +203,20 @@ def _same_shape_chunks(tasks: Iterable, size: int):
         yield chunk
 
 
-def _accuracies_in_lanes(model: nn.Module, params: Params, tasks: Iterable, steps: int, lr: float,
-                         prep: Prep, way: int, device, lanes: int) -> list[float]:
-    """accuracy_after_adapt of each task, `lanes` tasks at once in threads of their own (CPU)."""
-    threads_each = max(1, torch.get_num_threads() // lanes)
-    local = threading.local()
-
-    def one(task) -> float:
-        if not hasattr(local, "model"):
-            # functional_call swaps the tensors of the module it is given: one module per thread
-            local.model = copy.deepcopy(model)
-        return accuracy_after_adapt(local.model, params, task.to(device), steps, lr, prep, way)
-
-    accs, pending = [], deque()
-    with ThreadPoolExecutor(lanes, thread_name_prefix="eval-lane", initializer=torch.set_num_threads,
-                            initargs=(threads_each,)) as pool:
-        for task in tasks:                      # tasks are drawn here, in order; a few wait per lane
-            pending.append(pool.submit(one, task))
-            if len(pending) >= 2 * lanes:
-                accs.append(pending.popleft().result())
-        accs += [f.result() for f in pending]
-    return accs
-
-
 def task_accuracies(model: nn.Module, params: Params, tasks: Iterable, steps: int, lr: float,
                     prep: Prep, way: int, device, chunk: int = 1, lanes: int = 1) -> list[float]:
     """accuracy_after_adapt of each task, in order (percent).
 
     chunk > 1: `chunk` tasks at a time as one vmapped computation (accuracies_vmapped); the same
     accuracies to float rounding. chunk 1: one task at a time (faster on the CPU).
-    lanes > 1 (CPU, chunk 1): `lanes` tasks at once, each in a thread of its own with its own copy of
-    the model and 1/lanes of the process's threads (at least one). A task's accuracy depends only on
-    the threads it ran on, so with one thread per lane the accuracies are a one-thread run's, bit for
-    bit (tested): small tasks scale over cores this way, where more threads per task do not."""
+    lanes > 1 (CPU, chunk 1): `lanes` tasks at once in threads of their own (core.lanes); with one
+    thread per lane the accuracies are a one-thread run's, bit for bit (tested)."""
     if lanes > 1:
         if chunk > 1 or torch.device(device).type != "cpu":
             raise FlagError("--eval_lanes runs evaluation tasks in CPU threads, one task at a time each: use it "
                             "on the CPU with --eval_chunk 1 (on a GPU, --eval_chunk batches tasks instead)")
-        return _accuracies_in_lanes(model, params, tasks, steps, lr, prep, way, device, lanes)
+        return map_in_lanes(model, lambda m, t: accuracy_after_adapt(m, params, t.to(device), steps, lr, prep, way),
+                            tasks, lanes)
     if chunk <= 1:
         return [accuracy_after_adapt(model, params, t.to(device), steps, lr, prep, way) for t in tasks]
     accs = []

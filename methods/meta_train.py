@@ -39,7 +39,7 @@ from dataset import (MIX_DATASETS, MIX_IMAGE_SIZE, Task, check_episode, fixed_ta
 from dataset.specs import IMAGENET_MEAN, IMAGENET_STD
 from network import build
 from .maml import confidence_interval, meta_params, task_accuracies
-from .replay import augmented, replay_task, replay_tasks
+from .replay import augmented, replay_in_lanes, replay_task, replay_tasks
 
 
 # ---------------------------------------------------------------- geometry, device, data
@@ -197,6 +197,11 @@ class TaskGrads:
         self.params = params
         self.rows = torch.zeros(tasks, sum(p.numel() for p in params), device=params[0].device)
 
+    def put(self, i: int, grads: list[torch.Tensor | None]) -> None:
+        """Row i from task i's gradients, given in the order of the parameters (None: zero)."""
+        self.rows[i] = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                                  for p, g in zip(self.params, grads)])
+
     def take(self, i: int) -> None:
         """Move the gradients accumulated since the last take into row i."""
         self.rows[i] = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
@@ -234,6 +239,9 @@ class Trainer:
         self.device = pick_device(cfg.gpu, local_rank=procs.local_rank, world=procs.local_world,
                                   say=(lambda m: print(f"note: {m}")) if self.main else None,
                                   deterministic=cfg.deterministic)
+        if self.device.type != "cpu" and max(cfg.eval_lanes, cfg.replay_lanes) > 1:
+            raise FlagError("--eval_lanes and --replay_lanes run tasks in CPU threads; on a GPU, --eval_chunk and "
+                            "--replay_vmap batch them instead")
         dist.init(procs, self.device)
         self.prep = meta_input(cfg)
         self.splits = load_eval_splits(cfg)
@@ -550,6 +558,14 @@ class Trainer:
             loss.sum().backward()
             grads.take(mine[0])
             replayed = {i: (l, a) for i, l, a in zip(mine, loss.tolist(), acc)}
+        elif self.cfg.replay_lanes > 1 and len(mine) > 1:
+            cfg = self.cfg
+            out = replay_in_lanes(self.model, meta_params(self.model), [self.draw_replay(ids[i]) for i in mine],
+                                  lanes=cfg.replay_lanes, steps=cfg.inner_update_num, lr=cfg.inner_lr,
+                                  first_order=cfg.approx, prep=self.prep, way=cfg.way_train)
+            for i, (loss, acc, g) in zip(mine, out):
+                grads.put(i, g)
+                replayed[i] = (loss, acc)
         else:
             for i in mine:
                 loss, acc = self.replay(ids[i])

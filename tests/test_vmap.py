@@ -17,7 +17,7 @@ from dataset import Task
 from core.errors import FlagError
 from methods.maml import (_ElementwiseBatchNorm, accuracy_after_adapt, adapt, ce_loss, evaluate, forward,
                           meta_params, query_logits_vmapped, task_accuracies)
-from methods.replay import replay_task, replay_tasks
+from methods.replay import replay_in_lanes, replay_task, replay_tasks
 from network import build
 
 from conftest import DEVICE
@@ -152,6 +152,33 @@ def test_vmapped_replay_batch_equals_sequential(first_order, dtype):
         assert (a - b).abs().max().item() <= tol * scale
 
 
+@pytest.mark.cpu_only("replay lanes are CPU threads")
+@pytest.mark.parametrize("first_order", [False, True])
+def test_replay_lanes_give_the_gradients_of_one_thread(first_order):
+    way = 5
+    model = _model(torch.float32, way=way)
+    tasks = _tasks(5, way, 1, 3, torch.float32, seed=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        seq = []
+        for t in tasks:                                 # what meta_batch's one-task path leaves in .grad
+            model.zero_grad(set_to_none=True)
+            loss, acc = replay_task(model, meta_params(model), t, steps=3, lr=0.05, first_order=first_order,
+                                    prep=_prep, way=way)
+            loss.backward()
+            seq.append((loss.item(), acc, [p.grad.clone() for p in model.parameters()]))
+        torch.set_num_threads(2)                        # two lanes of one thread each
+        lanes = replay_in_lanes(model, meta_params(model), tasks, lanes=2, steps=3, lr=0.05,
+                                first_order=first_order, prep=_prep, way=way)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(lanes) == len(tasks)
+    for (l1, a1, g1), (l2, a2, g2) in zip(seq, lanes):
+        assert l1 == l2 and a1 == a2
+        assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
 def test_torch_batch_norm_rule_is_why_the_decomposition_exists():
     """Without the elementwise batch-norm, vmap(grad) gives a second-order meta-gradient that
     even reaches the conv biases before batch-norm (which cannot change the loss). If this
@@ -252,3 +279,16 @@ def test_replay_vmap_run_draws_the_same_tasks(demo_root, demo_pool, tmp_path, ex
     assert [(r["split"], r["task"]) for r in m1] == [(r["split"], r["task"]) for r in m2]
     s1, s2 = ck1["memory"]["store"], ck2["memory"]["store"]     # the same classes and images recovered
     assert {c: [b.shape for b in v] for c, v in s1.items()} == {c: [b.shape for b in v] for c, v in s2.items()}
+
+
+@pytest.mark.cpu_only("lanes are CPU threads")
+def test_run_with_lanes_is_the_one_thread_run_bit_for_bit(demo_root, demo_pool, tmp_path):
+    from core.device import cpu_threads
+    with cpu_threads(1):            # lanes of one thread each: the one-thread run's numbers exactly
+        ck1, m1 = _run(demo_root, demo_pool, str(tmp_path / "seq"))
+        ck2, m2 = _run(demo_root, demo_pool, str(tmp_path / "lanes"), "--replay_lanes", "3", "--eval_lanes", "2")
+    assert ck1["state"]["task"] == 12 and ck1["state"]["api_visits"] >= 1
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "wall_seconds"} for r in rows]   # noqa: E731
+    assert drop(m1) == drop(m2)
+    assert ck1["model"].keys() == ck2["model"].keys()
+    assert all(torch.equal(ck1["model"][k], ck2["model"][k]) for k in ck1["model"])

@@ -1,0 +1,46 @@
+"""Small tasks side by side on the CPU: each in a thread of its own ("lane") with one copy of the model.
+
+A task of few-shot meta-learning is too small for intra-op threads to pay (a 5-way 1-shot test task
+takes twice as long on two threads as on one, bench/RESULTS.md); N tasks at once, one per core, do
+scale. Each lane runs on 1/N of the process's threads (at least one), and what a task computes
+depends only on the threads it runs on, so with one thread per lane the results are a one-thread
+run's, bit for bit. Used by --eval_lanes (evaluation) and --replay_lanes (a meta-batch's replay tasks).
+"""
+from __future__ import annotations
+
+import copy
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, TypeVar
+
+import torch
+from torch import nn
+
+T = TypeVar("T")
+
+
+def map_in_lanes(model: nn.Module, fn: Callable[[nn.Module, object], T], items: Iterable, lanes: int) -> list[T]:
+    """[fn(model, item) for item in items], `lanes` items at once; results in the items' order.
+
+    Each lane calls fn with its own deep copy of `model`: torch.func.functional_call swaps the
+    tensors of the module it is given, so two threads must not share one. Items are taken from
+    `items` in this thread, in order, at most 2 * lanes ahead of the results.
+    """
+    threads_each = max(1, torch.get_num_threads() // lanes)
+    local = threading.local()
+
+    def run(item) -> T:
+        if not hasattr(local, "model"):
+            local.model = copy.deepcopy(model)
+        return fn(local.model, item)
+
+    out, pending = [], deque()
+    with ThreadPoolExecutor(lanes, thread_name_prefix="task-lane", initializer=torch.set_num_threads,
+                            initargs=(threads_each,)) as pool:
+        for item in items:
+            pending.append(pool.submit(run, item))
+            if len(pending) >= 2 * lanes:
+                out.append(pending.popleft().result())
+        out += [f.result() for f in pending]
+    return out
