@@ -27,7 +27,8 @@ mkdir -p "$OUT/eval"
 rm -rf "$OUT/.queue" "$OUT"/.failed_*; mkdir -p "$OUT/.queue"   # the evaluation queue's claims (a rerun starts afresh)
 echo "[demo] run directory: $OUT"
 # One thread per process: small-batch meta-learning runs faster that way (bench/RESULTS.md). The API
-# visits' large batches do scale, so BiDf-MKD gives them both threads (--visit_threads 2).
+# visits' large batches do scale, so BiDf-MKD gives them both threads (--visit_threads 2), and its replay
+# tasks and evaluations two lanes (two tasks at once, one thread each: the same numbers, bit for bit).
 export OMP_NUM_THREADS=1
 
 T0=$SECONDS
@@ -77,7 +78,7 @@ echo "[demo] == pretrain (beside it: MAML on real images; log: $OUT/baselines.lo
 python pretrain.py --preset demo "${API_EPOCHS[@]}" ${DEMO_APIS:+--APInum "$DEMO_APIS"} || touch "$OUT/.failed_bidf_mkd"
 seconds pretrain
 echo "[demo] == bidf_mkd"
-[ -f "$OUT/.failed_bidf_mkd" ] || train bidf_mkd --visit_threads 2 || true
+[ -f "$OUT/.failed_bidf_mkd" ] || train bidf_mkd --visit_threads 2 --replay_lanes 2 --eval_lanes 2 || true
 echo "[demo] == evaluations (600 tasks per row; logs: $OUT/eval/)"
 take_evaluations
 wait "$worker2" || true
