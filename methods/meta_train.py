@@ -204,8 +204,7 @@ class TaskGrads:
 
     def take(self, i: int) -> None:
         """Move the gradients accumulated since the last take into row i."""
-        self.rows[i] = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                                  for p in self.params])
+        self.put(i, [p.grad for p in self.params])
         for p in self.params:
             p.grad = None
 

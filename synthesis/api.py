@@ -153,11 +153,10 @@ def onednn_chain(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | Non
         prev = node
         m = mods.get(node.target) if node.op == "call_module" else None
         if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
-            w = torch._C._nn.mkldnn_reorder_conv2d_weight(m.weight.detach().contiguous().to_mkldnn(), list(m.padding),
-                                                          list(m.stride), list(m.dilation), m.groups)
+            geo = (list(m.padding), list(m.stride), list(m.dilation), m.groups)
+            w = torch._C._nn.mkldnn_reorder_conv2d_weight(m.weight.detach().contiguous().to_mkldnn(), *geo)
             b = (m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_channels)).to_mkldnn()
-            steps.append(lambda h, w=w, b=b, m=m: torch.mkldnn_convolution(h, w, b, list(m.padding), list(m.stride),
-                                                                          list(m.dilation), m.groups))
+            steps.append(lambda h, w=w, b=b, geo=geo: torch.mkldnn_convolution(h, w, b, *geo))
         elif isinstance(m, nn.MaxPool2d):
             pair = torch.nn.modules.utils._pair
             k, st, pad, dil = (list(pair(v)) for v in (m.kernel_size, m.stride or m.kernel_size, m.padding, m.dilation))

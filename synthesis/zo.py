@@ -18,15 +18,13 @@ depend on the lanes, the thread count or numsplit.
 """
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
 
+from core.lanes import lane_pool, results_in_order
+
 LANES = 2       # CPU: blocks per chunk of directions, run concurrently when there are threads for them
-_POOL: dict = {}
-_POOL_LOCK = threading.Lock()
 
 
 def _chunks(q: int, numsplit: int) -> list[tuple[int, int]]:
@@ -34,19 +32,6 @@ def _chunks(q: int, numsplit: int) -> list[tuple[int, int]]:
     numsplit = max(1, min(int(numsplit), q))
     bounds = [round(k * q / numsplit) for k in range(numsplit + 1)]
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-
-
-def _lane_pool(lanes: int, threads_each: int) -> ThreadPoolExecutor:
-    """The process's lane threads (made once per (lanes, threads_each)); each runs torch ops on
-    threads_each intra-op threads."""
-    with _POOL_LOCK:
-        if _POOL.get("key") != (lanes, threads_each):
-            if "pool" in _POOL:
-                _POOL["pool"].shutdown(wait=True)
-            _POOL["pool"] = ThreadPoolExecutor(lanes, thread_name_prefix="zo-lane",
-                                               initializer=torch.set_num_threads, initargs=(threads_each,))
-            _POOL["key"] = (lanes, threads_each)
-        return _POOL["pool"]
 
 
 def zo_grad(loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, q: int, mu: float,
@@ -125,15 +110,9 @@ def zo_grad(loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, q:
         grad = torch.zeros(b, d, dtype=acc, device=x.device)
         threads = torch.get_num_threads()
         if concurrent and lanes >= 2 and threads >= 2 and len(blocks) >= 2:
-            pool = _lane_pool(lanes, max(1, threads // lanes))
-            futures = [pool.submit(block_sum, j0, j1, loss0) for j0, j1 in blocks]
-            try:
-                for f in futures:                                   # added in block order, as below
-                    grad += f.result()
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+            pool = lane_pool(lanes, max(1, threads // lanes))
+            for s in results_in_order(pool.submit(block_sum, j0, j1, loss0) for j0, j1 in blocks):
+                grad += s                                           # added in block order, as below
         else:
             for j0, j1 in blocks:
                 grad += block_sum(j0, j1, loss0)
