@@ -1,8 +1,7 @@
 """Small tasks side by side on the CPU: each in a thread of its own ("lane") with one copy of the model.
 
-A task of few-shot meta-learning is too small for intra-op threads to pay (a 5-way 1-shot test task
-takes twice as long on two threads as on one, bench/RESULTS.md); N tasks at once, one per core, do
-scale. Each lane runs on 1/N of the process's threads (at least one), and what a task computes
+A task of few-shot meta-learning is too small for intra-op threads to pay (bench/RESULTS.md, "threads
+for small-batch meta-learning"); N tasks at once, one per core, do scale. Each lane runs on 1/N of the process's threads (at least one), and what a task computes
 depends only on the threads it runs on, so with one thread per lane the results are a one-thread
 run's, bit for bit. Used by --eval_lanes (evaluation) and --replay_lanes (a meta-batch's replay tasks);
 the zero-order estimate's blocks of directions run on the same lane threads (synthesis/zo.py).

@@ -133,7 +133,7 @@ def onednn_chain(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | Non
     convolutions, max-pools and ReLUs ending in flatten -> Linear (conv4); None for anything else.
 
     The same kernels as the network converted module by module (torch.utils.mkldnn), without the
-    per-layer module dispatch, which costs ~5% of a conv4 forward on 128 images (bench/RESULTS.md).
+    per-layer module dispatch (its cost: bench/RESULTS.md, "fast paths on AVX-512 and AVX2").
     The head runs dense: its input is a few values per image.
     """
     if not isinstance(net, torch.fx.GraphModule):
