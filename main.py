@@ -10,7 +10,6 @@ import os
 from core import cli
 from core.config import Config, parse
 
-
 PARSER = dict(prog="main.py", description="BiDf-MKD: black-box data-free meta-learning from a pool of APIs.")
 
 
@@ -29,7 +28,7 @@ def main(argv=None):
     if cfg.pretrain:
         from methods.pretrain_api import pretrain_pool
         return pretrain_pool(cfg)
-    from core.config import check
+    from methods.checks import check
     check(cfg)                                            # bad flags fail before any data is read
     from methods.meta_train import train
     return train(cfg)

@@ -3,15 +3,10 @@
     python pretrain.py --dataset cifar100 --pre_backbone conv4 --APInum 100 --way_pretrain 5
     torchrun --nproc_per_node 4 pretrain.py ...     # rank r trains the APIs i with i % 4 == r
 """
-import os
 import sys
 
-# Idle OpenMP threads sleep instead of spinning: on a shared or oversubscribed CPU spinning makes
-# training several times slower (bench/RESULTS.md). Set before torch loads; export it to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from core import cli  # noqa: E402
-from core.config import PRETRAIN_SETTINGS, Config, parse  # noqa: E402
+from core import cli
+from core.config import PRETRAIN_SETTINGS, Config, parse
 
 PARSER = dict(prog="pretrain.py", names=PRETRAIN_SETTINGS, aliases={"api_seed": ("--seed",)},
               description="Pretrain a pool of APIs, each on --way_pretrain meta-train classes; resumable "

@@ -3,11 +3,13 @@
     cfg = parse(argv)                          # main.py: defaults <- --preset <- explicit flags
     python main.py --preset paper_ss --num_sup_train 5
 
-`Config` holds the original implementation's defaults (its mainKD.py argparse). The flag parsers
-of main.py, pretrain.py and `python -m synthesis` are generated from its fields, and the settings
-objects of the library (ZO, KD, pretraining) take their defaults from it. A preset is a small
-Python file in config/ that assigns some fields (nanoGPT-style); explicit flags override it.
-The module imports nothing heavy (no torch).
+`Config` holds the original implementation's defaults (its mainKD.py argparse); the library reads
+its settings from a Config. Each field's metadata says everything else about it: its flag group and
+help, its bounds and choices (check_values), whether a resumed run may change it (runtime), and which
+entry points besides main.py take it (entry): the flag parsers of main.py, pretrain.py and
+`python -m synthesis` and every list of names derive from there. A preset is a small Python file in
+config/ that assigns the fields that differ from the defaults (nanoGPT-style); a recipe is a preset in
+config/recipes/ applied under it; explicit flags override both. The module imports nothing heavy.
 """
 from __future__ import annotations
 
@@ -20,50 +22,60 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from .errors import FlagError
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
-
-# Keys that may change between a run and its --resume without changing its results (pretraining
-# settings shape the pool, not the meta-training run).
-RUNTIME_KEYS = ("multigpu", "evaluate", "gpu", "resume", "overwrite", "out_dir", "data_root",
-                "pretrained_path_prefix", "pretrain", "workers", "tensorboard", "api_seed", "epochs",
-                "batch_size", "lr", "api_augment", "api_patience", "eval_chunk", "eval_lanes", "replay_lanes",
-                "replay_vmap", "visit_threads", "deterministic")
+RECIPE_DIR = os.path.join(PRESET_DIR, "recipes")
+# Settings of earlier versions: ignored in the config.json of a run being resumed, refused as flags.
+RETIRED = {"eval_chunk": "--task_exec vmap:N", "eval_lanes": "--task_exec lanes:N",
+           "replay_lanes": "--task_exec lanes:N", "replay_vmap": "--task_exec vmap"}
 
 
 def _opt(group: str):
-    """A Config field of one flag group. Checked by `check_values`: low (at least; an int setting is
-    at least 1 unless its field says otherwise, None: any), above (more than), high (at most), choices (one of)."""
+    """A Config field of one flag group. Metadata: low (at least; an int setting is at least 1 unless its
+    field says otherwise, None: any), above (more than), high (at most), choices (one of): checked by
+    check_values; runtime=True: a --resume may change it (the results stay the same); entry: the other
+    entry points that take it ("pretrain", "synthesis")."""
     def make(default, help: str, **meta):
         return field(default=default, metadata={"help": help, "group": group, **meta})
     return make
 
 
+_PRETRAIN_GROUP = "API pretraining (pretrain.py, main.py --pretrain)"
 _basic, _task, _kd, _pool, _zo, _api = (_opt(g) for g in (
     "basic", "tasks (memory replay and evaluation)", "bi-level meta knowledge distillation",
-    "API pool and data recovery", "zero-order optimisation", "API pretraining (pretrain.py, main.py --pretrain)"))
+    "API pool and data recovery", "zero-order optimisation", _PRETRAIN_GROUP))
+
+
+P, S, PS = ("pretrain",), ("synthesis",), ("pretrain", "synthesis")    # the other entry points that take a flag
 
 
 @dataclass
 class Config:
     # basic
-    multigpu: str = _basic("0", "visible CUDA devices (CUDA_VISIBLE_DEVICES; kept from the environment if unset)")
+    multigpu: str = _basic("0", "visible CUDA devices (CUDA_VISIBLE_DEVICES; kept from the environment if unset)",
+                           runtime=True)
     gpu: int = _basic(0, "CUDA device among the visible ones (the CPU when there is none; under torchrun each "
-                         "process uses its local rank)", low=0)
+                         "process uses its local rank)", low=0, runtime=True, entry=PS)
     deterministic: bool = _basic(False, "deterministic GPU kernels only, so that a rerun or --resume gives the same "
-                                        "bits (slower; the CPU's kernels already are)")
-    dataset: str = _basic("cifar100", "cifar100 | miniimagenet | cub | demo; mix for API-MH")
-    pretrained_path_prefix: str = _basic("./pretrained_blackbox", "root of the API pools")
-    data_root: str = _basic("./DFL2Ldata", "root of the datasets")
-    out_dir: str | None = _basic(None, "run directory (default: runs/<name made of the key flags>)")
-    seed: int = _basic(2022, "seed of the run: meta-model init, API draws, tasks", low=None)
+                                        "bits (slower; the CPU's kernels already are)", runtime=True, entry=PS)
+    dataset: str = _basic("cifar100", "cifar100 | miniimagenet | cub | demo; mix for API-MH", entry=PS)
+    pretrained_path_prefix: str = _basic("./pretrained_blackbox", "root of the API pools", runtime=True, entry=PS)
+    data_root: str = _basic("./DFL2Ldata", "root of the datasets", runtime=True, entry=P)
+    out_dir: str | None = _basic(None, "run directory (default: runs/<name made of the key flags>)", runtime=True)
+    seed: int = _basic(2022, "seed of the run: meta-model init, API draws, tasks", low=None, entry=S)
     eval_seed: int = _basic(0, "seed of the fixed evaluation tasks (the same for every run)", low=None)
-    resume: bool = _basic(False, "continue the run in --out_dir from its last.pth")
-    overwrite: bool = _basic(False, "delete the run in --out_dir and start over")
+    resume: bool = _basic(False, "continue the run in --out_dir from its last.pth", runtime=True)
+    overwrite: bool = _basic(False, "delete the run in --out_dir and start over", runtime=True)
     baseline: str = _basic("none", "none | random_init (the untrained meta model) | maml_real (MAML on real images)",
                            choices=("none", "random_init", "maml_real"))
-    evaluate: str | None = _basic(None, "only score this saved meta model (or 'random') on meta_test", metavar="CKPT")
-    pretrain: bool = _basic(False, "pretrain the API pool these flags name (as pretrain.py does), then stop")
-    recipe: str = _basic("faithful", "faithful (the original's method) | improved (docs/differences.md)",
-                         choices=("faithful", "improved"))
+    evaluate: str | None = _basic(None, "only score this saved meta model (or 'random') on meta_test", metavar="CKPT",
+                                  runtime=True)
+    pretrain: bool = _basic(False, "pretrain the API pool these flags name (as pretrain.py does), then stop",
+                            runtime=True)
+    recipe: str = _basic("faithful", "faithful (the original's method) | improved (docs/differences.md): a preset "
+                                     "of config/recipes/ applied under --preset", choices=("faithful", "improved"))
+    task_exec: str = _basic("auto", "how a batch of tasks (a meta-batch's replay tasks, an evaluation) runs: "
+                                    "sequential | lanes[:N] (N tasks at once in CPU threads) | vmap[:N] (chunks of N "
+                                    "as one vmapped computation) | auto (vmap:16 on a GPU, lanes on a CPU with 2+ "
+                                    "threads; accel/executors.py, bench/RESULTS.md)", runtime=True)
     # meta-training tasks (memory replay) and evaluation tasks
     way_train: int = _task(5, "classes per meta-training task", low=2)
     num_sup_train: int = _task(5, "support shots per class (training)")
@@ -73,7 +85,7 @@ class Config:
     num_qur_test: int = _task(15, "query images per class (test)")
     backbone: str = _task("conv4", "the meta model: conv4 | resnet10 | resnet18 | resnet34 | resnet50 | resnet101")
     init: str = _task("original", "meta-model (and API) init: original (its init_layer) | torch (PyTorch's)",
-                      choices=("original", "torch"))
+                      choices=("original", "torch"), entry=P)
     episode_train: int = _task(240000, "meta-training tasks in total (API visits + replay tasks)")
     episode_test: int = _task(600, "evaluation tasks per split")
     start_id: int = _task(1, "id of the first task (tasks start_id..episode_train run)")
@@ -83,17 +95,6 @@ class Config:
     outer_lr: float = _task(0.001, "Adam step of the meta model", above=0)
     approx: bool = _task(False, "first-order MAML")
     episode_batch: int = _task(4, "tasks per meta-batch (one Adam step)")
-    eval_chunk: int = _task(1, "evaluation tasks adapted together as one vmapped computation, memory growing with "
-                                "it (1: one at a time, the faster on a CPU; 16 is the faster on a GPU; "
-                                "bench/RESULTS.md)")
-    eval_lanes: int = _task(1, "CPU: N evaluation tasks at once, each in a thread of its own with 1/N of the "
-                                "process's threads (at least one); a task scores what it would on that many "
-                                "threads (1: one task at a time; bench/RESULTS.md)")
-    replay_lanes: int = _task(1, "CPU: a meta-batch's replay tasks N at once, each in a thread of its own with 1/N "
-                                  "of the process's threads (at least one); a task's gradient is what it would be "
-                                  "on that many threads (1: one task at a time; bench/RESULTS.md)")
-    replay_vmap: bool = _task(False, "a meta-batch's replay tasks as one vmapped computation (off: one at a "
-                                     "time, the faster on a CPU; on, the faster on a GPU; bench/RESULTS.md)")
     val_interval: int = _task(2000, "tasks between evaluations")
     save_interval: int = _task(2000, "tasks between checkpoints")
     # bi-level meta knowledge distillation
@@ -106,16 +107,16 @@ class Config:
     kd_augment: bool = _kd(True, "one crop/flip of each recovered set before KD (as the original)")
     advstartit: int = _kd(-1, "boundary query sets once this many meta-iterations have passed", low=None)
     # the API pool and data recovery
-    way_pretrain: int = _pool(5, "classes per API", low=2)
-    APInum: int = _pool(100, "APIs in the pool (per dataset and architecture)")
-    pre_backbone: str = _pool("conv4", "API architecture (a network name) for API-SS; mix for API-SH/MH")
+    way_pretrain: int = _pool(5, "classes per API", low=2, entry=PS)
+    APInum: int = _pool(100, "APIs in the pool (per dataset and architecture)", entry=P)
+    pre_backbone: str = _pool("conv4", "API architecture (a network name) for API-SS; mix for API-SH/MH", entry=PS)
     generate_interval: int = _pool(200, "meta-batches without a better training accuracy before the next API visit")
-    generate_iterations: int = _pool(200, "generator steps per recovered set")
-    Glr: float = _pool(0.001, "Adam learning rate of the generator and its latent codes", above=0)
+    generate_iterations: int = _pool(200, "generator steps per recovered set", entry=S)
+    Glr: float = _pool(0.001, "Adam learning rate of the generator and its latent codes", above=0, entry=S)
     max_batch_per_class: int = _pool(20, "task memory: recovered batches kept per class")
-    query_budget: int | None = _pool(None, "total API queries allowed (default: no limit)")
+    query_budget: int | None = _pool(None, "total API queries allowed (default: no limit)", entry=S)
     visit_threads: int = _pool(0, "CPU threads during an API visit's recovery and adaptation (0: the process's "
-                                  "torch threads); other work keeps the process's", low=0)
+                                  "torch threads); other work keeps the process's", low=0, runtime=True)
     meta_generator: bool = _pool(False, "start each recovery from a meta-generator learnt across API visits (Reptile), "
                                         "not a fresh generator (off: the original; docs/queries.md)")
     meta_generator_steps: int = _pool(4, "with --meta_generator: zero-order generator steps per recovered set "
@@ -126,13 +127,13 @@ class Config:
     inversion_augment: str = _pool("batch", "inversion crop/flip: batch (one per step, as the original) | image",
                                    choices=("batch", "image"))
     # zero-order optimisation
-    ZO: bool = _zo(False, "black box: zero-order gradient estimates (--no-ZO: the white-box ablation)")
-    mu: float = _zo(0.005, "smoothing radius of the finite differences", above=0)
-    q: int = _zo(100, "random directions per image per generator step")
-    numsplit: int = _zo(5, "chunks the q perturbed copies are queried in (fewer: faster, more memory)")
+    ZO: bool = _zo(False, "black box: zero-order gradient estimates (--no-ZO: the white-box ablation)", entry=S)
+    mu: float = _zo(0.005, "smoothing radius of the finite differences", above=0, entry=S)
+    q: int = _zo(100, "random directions per image per generator step", entry=S)
+    numsplit: int = _zo(5, "chunks the q perturbed copies are queried in (fewer: faster, more memory)", entry=S)
     zo_space: str = _zo("normalized", "perturb the normalized API input (as the original) | pixel ([0, 1] images)",
                         choices=("normalized", "pixel"))
-    # API pretraining
+    # API pretraining: every setting of this group shapes the pool, not a meta-training run (runtime there)
     api_seed: int = _api(0, "API i's classes and initial weights depend on (api_seed, i)", low=None)
     epochs: int | None = _api(None, "epochs per API (default: 60 cifar100/miniimagenet/demo, 100 cub)")
     batch_size: int = _api(128, "images per pretraining step", low=2)
@@ -142,6 +143,12 @@ class Config:
     api_patience: int = _api(60, "early stop: epochs without a better validation accuracy (the original's)")
     tensorboard: bool = _api(True, "write TensorBoard curves of pretraining (<pool dir>/tensorboard/api_<i>)")
 
+    def __post_init__(self):
+        for name in _CHOICES:
+            if getattr(self, name) not in FIELDS[name].metadata["choices"]:
+                raise FlagError(f"{name} {getattr(self, name)!r} is unknown; choose one of "
+                                f"{', '.join(FIELDS[name].metadata['choices'])}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -150,39 +157,39 @@ class Config:
         return self.dataset == "mix"
 
 
-DEFAULTS = Config()
-# The settings API pretraining reads (pretrain.py's flags; main.py --pretrain uses the same).
-PRETRAIN_SETTINGS = ("dataset", "pre_backbone", "APInum", "way_pretrain", "pretrained_path_prefix", "data_root", "gpu",
-                     "deterministic", "api_seed", "epochs", "batch_size", "lr", "workers", "tensorboard", "init", "api_augment",
-                     "api_patience")
-
-# Recipes: named sets of method choices, applied under a preset and explicit flags. faithful is the
-# original's method (the defaults); improved holds the variants that beat it in the ablation
-# (docs/differences.md, bench/ablation.py).
-RECIPES = {"faithful": {}, "improved": {"init": "torch"}}
 FIELDS = {f.name: f for f in fields(Config)}
+_CHOICES = [k for k, f in FIELDS.items() if "choices" in f.metadata]
+DEFAULTS = Config()
+# Settings a --resume may change without changing the results (the pretraining group shapes the pool).
+RUNTIME_KEYS = tuple(k for k, f in FIELDS.items() if f.metadata.get("runtime") or f.metadata["group"] == _PRETRAIN_GROUP)
+
+
+def entry_settings(entry: str) -> tuple[str, ...]:
+    """The settings an entry point other than main.py takes: "pretrain" (pretrain.py; the whole pretraining
+    group too) or "synthesis" (python -m synthesis)."""
+    return tuple(k for k, f in FIELDS.items() if entry in f.metadata.get("entry", ())
+                 or (entry == "pretrain" and f.metadata["group"] == _PRETRAIN_GROUP))
+
+
+PRETRAIN_SETTINGS = entry_settings("pretrain")
 _TYPES = typing.get_type_hints(Config)
-
-
-def settings(cls, cfg: Config, **extra):
-    """An instance of the dataclass `cls` built by keyword from the same-named fields of `cfg`."""
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: getattr(cfg, k) for k in names if k in FIELDS and k not in extra}, **extra)
 
 
 # ----------------------------------------------------------------------------- presets
 
-def preset_names() -> list[str]:
-    return sorted(os.path.splitext(n)[0] for n in os.listdir(PRESET_DIR)
-                  if n.endswith(".py") and not n.startswith("_")) if os.path.isdir(PRESET_DIR) else []
+def preset_names(folder: str = PRESET_DIR) -> list[str]:
+    return sorted(os.path.splitext(n)[0] for n in os.listdir(folder)
+                  if n.endswith(".py") and not n.startswith("_")) if os.path.isdir(folder) else []
 
 
-def load_preset(name: str) -> dict:
-    """The settings a preset assigns: config/<name>.py, or a path to any such .py file."""
-    path = name if name.endswith(".py") else os.path.join(PRESET_DIR, f"{name}.py")
+def load_preset(name: str, folder: str = PRESET_DIR) -> dict:
+    """The settings a preset assigns: <folder>/<name>.py (config/, or config/recipes/ for a recipe), or a
+    path to any such .py file."""
+    path = name if name.endswith(".py") else os.path.join(folder, f"{name}.py")
     if not os.path.isfile(path):
-        raise FlagError(f"--preset {name}: no such preset; choose one of {', '.join(preset_names())} "
-                        "or pass a path to a .py file of assignments")
+        flag = "--recipe" if folder == RECIPE_DIR else "--preset"
+        raise FlagError(f"{flag} {name}: no such {flag[2:]}; choose one of {', '.join(preset_names(folder))}"
+                        + (" or pass a path to a .py file of assignments" if flag == "--preset" else ""))
     ran = runpy.run_path(path)
     values = {k: v for k, v in ran.items() if not k.startswith("_")}
     if "_base" in ran:     # a preset may start from another one and change a few settings
@@ -228,6 +235,20 @@ def add_arguments(parser: argparse.ArgumentParser, names=None, defaults: dict | 
             kw["type"] = typ
             kw.setdefault("metavar", {int: "N", float: "X"}.get(typ, "STR"))
         groups[g].add_argument(f"--{f.name}", *aliases.get(f.name, ()), **kw)
+    for old, new in RETIRED.items():
+        parser.add_argument(f"--{old}", nargs="?", action=_Retired, new=new, help=argparse.SUPPRESS)
+
+
+class _Retired(argparse.Action):
+    """A flag of an earlier version: one line naming the flag that replaced it."""
+
+    def __init__(self, *args, new: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise FlagError(f"{option_string} was replaced by {self.new} (docs/options.md); the executor runs a "
+                        "meta-batch's replay tasks and the evaluations alike")
 
 
 def build(values: dict) -> Config:
@@ -251,17 +272,18 @@ def parse(argv=None, **spec) -> tuple[Config, argparse.Namespace]:
     """(Config, the namespace of the entry point's other arguments) from the command line;
     `spec` is make_parser's keywords. The namespace's `given` holds the settings given explicitly.
 
-    Precedence: Config's defaults, then --preset's values, then the flags given explicitly."""
+    Precedence: Config's defaults, then --recipe's values, then --preset's, then the flags given explicitly."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset")
     pre.add_argument("--recipe")
     known, _ = pre.parse_known_args(argv)
     preset = load_preset(known.preset) if known.preset else {}
     recipe = known.recipe or preset.get("recipe", DEFAULTS.recipe)
-    if recipe not in RECIPES:
-        raise FlagError(f"--recipe {recipe!r} is unknown; choose one of {', '.join(RECIPES)}")
+    if recipe not in FIELDS["recipe"].metadata["choices"]:
+        raise FlagError(f"--recipe {recipe!r} is unknown; choose one of {', '.join(FIELDS['recipe'].metadata['choices'])}")
     names = spec.get("names")
-    base = {k: v for k, v in {**RECIPES[recipe], **preset, "recipe": recipe}.items() if names is None or k in names}
+    base = {k: v for k, v in {**load_preset(recipe, RECIPE_DIR), **preset, "recipe": recipe}.items()
+            if names is None or k in names}
     ns = make_parser(**spec, defaults=base).parse_args(argv)
     given = {k: v for k, v in vars(ns).items() if k in FIELDS}
     rest = argparse.Namespace(**{k: v for k, v in vars(ns).items() if k not in FIELDS and k != "preset"})
@@ -308,7 +330,7 @@ def default_out_dir(cfg: Config) -> str:
 def config_diff(a: dict, b: dict) -> list[str]:
     """Settings (not runtime ones) whose values differ between two configs. A key that one side
     lacks (a run written before the setting existed) counts as its default."""
-    keys = (set(a) | set(b)) - set(RUNTIME_KEYS)
+    keys = (set(a) | set(b)) - set(RUNTIME_KEYS) - set(RETIRED)
     default = lambda k: FIELDS[k].default if k in FIELDS and FIELDS[k].default is not MISSING else None  # noqa: E731
     return sorted(k for k in keys if a.get(k, default(k)) != b.get(k, default(k)))
 
@@ -328,43 +350,6 @@ def check_values(cfg: Config, names=None) -> None:
             raise FlagError(f"--{name} must be at most {meta['high']}, got {v}")
         if "choices" in meta and v not in meta["choices"]:
             raise FlagError(f"--{name} {v!r} is unknown; choose one of {', '.join(meta['choices'])}")
-
-
-def check(cfg: Config) -> None:
-    """Flag checks that need no data: one clear line naming the flag, before any work."""
-    from dataset.specs import SPECS
-    from network import ARCHS
-    if cfg.dataset != "mix" and cfg.dataset not in SPECS:
-        raise FlagError(f"--dataset {cfg.dataset!r} is unknown; choose one of {', '.join(SPECS)} or mix (API-MH)")
-    if cfg.backbone not in ARCHS:
-        raise FlagError(f"--backbone {cfg.backbone!r} is unknown; choose one of {', '.join(ARCHS)}")
-    if cfg.pre_backbone not in (*ARCHS, "mix"):
-        raise FlagError(f"--pre_backbone {cfg.pre_backbone!r} is unknown; choose one of {', '.join(ARCHS)} or mix")
-    if cfg.mh and cfg.pre_backbone != "mix":
-        raise FlagError(f"--dataset mix (API-MH) draws the architecture of every API too, so --pre_backbone "
-                        f"{cfg.pre_backbone} would be ignored; pass --pre_backbone mix")
-    check_values(cfg)
-    if cfg.start_id > cfg.episode_train:
-        raise FlagError(f"--start_id {cfg.start_id} is past --episode_train {cfg.episode_train}: no task to run")
-    if cfg.way_test > cfg.way_train:
-        raise FlagError(f"--way_test {cfg.way_test} exceeds --way_train {cfg.way_train}: the meta model's head is "
-                        "way_train wide; raise --way_train or lower --way_test")
-    if cfg.baseline == "none" and cfg.way_pretrain > cfg.way_train:
-        raise FlagError(f"--way_pretrain {cfg.way_pretrain} exceeds --way_train {cfg.way_train}: the meta model's "
-                        "head must cover an API's classes; raise --way_train")
-    if cfg.evaluate and cfg.evaluate != "random" and not os.path.isfile(cfg.evaluate):
-        raise FlagError(f"--evaluate {cfg.evaluate}: no such checkpoint; pass a run's best.pth or last.pth")
-    if cfg.resume and cfg.overwrite:
-        raise FlagError("--resume and --overwrite contradict each other; pass one")
-    if cfg.replay_lanes > 1 and cfg.replay_vmap:
-        raise FlagError(f"--replay_lanes {cfg.replay_lanes} and --replay_vmap: pass one (lanes run the replay tasks "
-                        "in CPU threads one at a time each; vmap batches them, the faster on a GPU)")
-    if cfg.eval_lanes > 1 and cfg.eval_chunk > 1:
-        raise FlagError(f"--eval_lanes {cfg.eval_lanes} and --eval_chunk {cfg.eval_chunk}: pass one (lanes run tasks "
-                        "in CPU threads one at a time each; chunks batch them, the faster on a GPU)")
-    classes = 228 if cfg.mh else SPECS[cfg.dataset].num_classes[0]
-    if cfg.way_train > classes:
-        raise FlagError(f"--way_train {cfg.way_train} exceeds the {classes} meta-train classes of {cfg.dataset}")
 
 
 def visit_cost(cfg: Config) -> int:

@@ -2,23 +2,7 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
-
 from .errors import FlagError
-
-
-@contextmanager
-def cpu_threads(n: int):
-    """torch's CPU threads set to n inside the block (n = 0: unchanged), restored after it."""
-    import torch
-    before = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n > 0:
-            torch.set_num_threads(before)
 
 
 def deterministic_kernels() -> None:

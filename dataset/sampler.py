@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from core.errors import DataError
+from core.seeding import task_rng
 
 from .split import SplitData
 
@@ -48,11 +49,6 @@ def sample_task(data: SplitData, way: int, shot: int, query: int, rng: np.random
     rel = torch.arange(way)
     return Task(data.images(np.concatenate(sup)), rel.repeat_interleave(shot),
                 data.images(np.concatenate(qur)), rel.repeat_interleave(query), classes)
-
-
-def task_rng(seed: int, index: int) -> np.random.Generator:
-    """The generator of task `index` in a seeded sequence: task i is the same whatever the order."""
-    return np.random.default_rng([seed, index])
 
 
 def fixed_tasks(data: SplitData, way: int, shot: int, query: int, n: int, seed: int, indices=None):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from .conv4 import Conv4
-from .generator import Generator
+from .generator import LATENT_DIM, Generator
 from . import original
 from .initialise import init_original_
 from .resnet import LAYOUTS as RESNET_LAYOUTS
@@ -15,7 +15,7 @@ INITS = ("original", "torch")
 
 
 def build(name: str, num_classes: int = 5, *, channels: int = 3, image_size: int = 32,
-          batch_stats: bool = False, pool: str = "flatten", nz: int = 256, stem_relu: bool = False,
+          batch_stats: bool = False, pool: str = "flatten", nz: int = LATENT_DIM, stem_relu: bool = False,
           init: str = "original") -> nn.Module:
     """Build a network by name.
 

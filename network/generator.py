@@ -5,6 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import accel
+
+LATENT_DIM = 256    # nz: the size of a latent code z
+
 # Rows: the 4 taps of the transposed convolution; columns: the 3 taps of the 3x3 kernel (UpConv3x3).
 _PHASE_TAPS = ((0., 0., 1.), (0., 1., 1.), (1., 1., 0.), (1., 0., 0.))
 
@@ -26,13 +30,8 @@ class UpConv3x3(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = torch.einsum("ti,ocij,sj->cots", self.taps, self.weight, self.taps)   # [cin, cout, 4, 4]
-        if _channels_last(self.weight):     # the module's layout, else oneDNN converts at every call
-            kernel = kernel.contiguous(memory_format=torch.channels_last)
+        kernel = accel.match_layout(kernel, self.weight)    # the module's layout: no conversion at every call
         return F.conv_transpose2d(x, kernel, self.bias, stride=2, padding=1)
-
-
-def _channels_last(t: torch.Tensor) -> bool:
-    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 class Generator(nn.Module):
@@ -40,8 +39,9 @@ class Generator(nn.Module):
     -> up x2 -> conv3x3 64 -> BN -> LeakyReLU(0.2) -> conv3x3 C -> sigmoid: images in [0, 1].
     Each "up x2 -> conv3x3" runs as one UpConv3x3."""
 
-    def __init__(self, nz: int = 256, image_size: int = 32, channels: int = 3, ngf: int = 64):
+    def __init__(self, nz: int = LATENT_DIM, image_size: int = 32, channels: int = 3, ngf: int = 64):
         super().__init__()
+        self.nz = nz
         if image_size % 4:
             raise ValueError(f"generator image_size must be a multiple of 4, got {image_size}")
         self.init_side = image_size // 4
@@ -73,8 +73,5 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.fc(z).view(z.shape[0], -1, self.init_side, self.init_side)
-        if _channels_last(self.body[1].weight):
-            # a channels-last module runs channels-last throughout: a layout change between two of
-            # its layers costs a copy each way (bench/RESULTS.md)
-            h = h.contiguous(memory_format=torch.channels_last)
-        return self.body(h)
+        # in the layout of the convolutions that follow: a change between two layers costs a copy each way
+        return self.body(accel.match_layout(h, self.body[1].weight))

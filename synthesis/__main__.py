@@ -16,19 +16,11 @@ import os
 import sys
 import time
 
-import torch
-
 from core.cli import run
-from core.config import Config, check_values, parse, settings
-from core.device import pick_device
+from core.config import Config, check_values, entry_settings, parse
 from core.errors import FlagError
 
-from .pool import APIPool
-from .recover import ZOConfig, affine_normalizer, recover, save_grid
-
-
-FLAGS = ("dataset", "pre_backbone", "pretrained_path_prefix", "way_pretrain", "ZO", "q", "mu", "numsplit",
-         "generate_iterations", "Glr", "query_budget", "gpu", "deterministic", "seed")
+FLAGS = entry_settings("synthesis")
 
 
 def _extra(p: argparse.ArgumentParser) -> None:
@@ -55,25 +47,27 @@ def main(argv=None) -> dict:
     check_values(cfg, FLAGS)
     if a.num_per_class < 1 or a.api < 0:
         raise FlagError(f"--num_per_class must be at least 1 and --api at least 0, got {a.num_per_class}, {a.api}")
-    if cfg.mu <= 0:
-        raise FlagError(f"--mu must be positive, got {cfg.mu}")
     if cfg.pre_backbone == "mix" or cfg.dataset == "mix":
         raise FlagError("--dataset and --pre_backbone name one pool folder here; mix is for main.py")
+    import torch
+
+    from core.device import pick_device
+    from dataset import normalize
+
+    from .pool import APIPool
+    from .recover import recover, save_grid
     device = pick_device(cfg.gpu, deterministic=cfg.deterministic)
     torch.manual_seed(cfg.seed)
     pool = APIPool.load(cfg.pretrained_path_prefix, cfg.dataset, cfg.pre_backbone, cfg.way_pretrain, a.api + 1,
                         device, white_box=not cfg.ZO, budget=cfg.query_budget, compile=a.compile, say=lambda m: None)
     api = pool.get(cfg.dataset, cfg.pre_backbone, a.api)
-    zo = settings(ZOConfig, cfg) if cfg.ZO else None
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     t0 = time.time()
-    images, labels = recover(api, a.num_per_class, steps=cfg.generate_iterations, lr=cfg.Glr, zo=zo,
-                             generator=gen, progress=not a.no_progress)
+    images, labels = recover(api, a.num_per_class, cfg, generator=gen, progress=not a.no_progress)
     seconds = time.time() - t0
     queries = api.queries
     with torch.no_grad():
-        norm = affine_normalizer(api.spec.mean, api.spec.std, api.spec.image_size, device)
-        pred = api(norm(images)).argmax(1)
+        pred = api(normalize(images, api.spec.mean, api.spec.std)).argmax(1)
     acc = 100.0 * (pred == labels).float().mean().item()
     save_grid(images, a.out, a.num_per_class)
     out = {"target_acc": round(acc, 2), "api_queries": queries, "seconds": round(seconds, 2)}

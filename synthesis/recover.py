@@ -1,45 +1,36 @@
-"""Data recovery from one API by generator inversion.
+"""Data recovery from one API by generator inversion (docs/method.md).
 
-A freshly initialised generator G and latent codes z ~ N(0, I) are optimised jointly, Adam(lr,
+A freshly initialised generator G and latent codes z ~ N(0, I) are optimised jointly, Adam(Glr,
 betas (0.5, 0.999)), so that the API assigns G(z) to its target class:
 
     x = G(z);  x~ = random_crop_flip(x);  n = normalize(x~)
     l_i = CE(API(n_i), y_i)  [- adv m_i D(API(n_i), s_i)],   s = f(x~) the fixed adapted student
 
-Black-box (zo given): dl/dn is estimated with zo_grad around the normalised batch n (zo_space
-"normalized", mu in normalised units), mapped to dl/dx~ = dl/dn / std per channel, and handed to
-G and z through the surrogate <x~, stopgrad(g)>. zo_space "pixel" perturbs x~ instead.
-White-box (zo None, ablation): plain autograd through the API.
-boundary_student "clean": s is computed once per step on the clean batch, without a graph, and
-shared by every perturbed copy; "perturbed": the student sees each perturbed copy (and, white-box,
-the gradient flows through it).
+Black-box (ZO): dl/dn is estimated with zo_grad around the normalised batch n (zo_space "normalized",
+mu in normalised units), mapped to dl/dx~ = dl/dn / std per channel, and handed to G and z through the
+surrogate <x~, stopgrad(g)>. zo_space "pixel" perturbs x~ instead.
+White-box (no ZO, the ablation): plain autograd through the API.
+boundary_student "clean": s is computed once per step on the clean batch, without a graph, and shared
+by every perturbed copy; "perturbed": the student sees each perturbed copy (and, white-box, the
+gradient flows through it).
 Each image keeps the step at which its own loss l_i on the unperturbed batch was lowest.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+import accel
 import network
-from core.config import DEFAULTS, FIELDS
+from core.config import Config, recovery_steps
 from core.io import atomic_write
 from dataset.augment import random_crop_flip
 
-from .zo import LANES, surrogate, zo_grad
+from .zo import surrogate, zo_grad
 
 EPS = 1e-12     # keeps log p finite when the API is certain
-
-
-@dataclass
-class ZOConfig:
-    """The zero-order estimator's settings; names and defaults are core.config.Config's."""
-    q: int = DEFAULTS.q                 # random directions per image per step
-    mu: float = DEFAULTS.mu             # smoothing radius of the finite differences
-    numsplit: int = DEFAULTS.numsplit   # chunks the q*B perturbed images are queried in
-    lanes: int = LANES                  # CPU: blocks per chunk, run at once in threads (synthesis/zo.py)
 
 
 def per_image_loss(probs: torch.Tensor, target: torch.Tensor, student_logits: torch.Tensor | None = None,
@@ -60,78 +51,45 @@ def per_image_loss(probs: torch.Tensor, target: torch.Tensor, student_logits: to
     return loss
 
 
-def affine_normalizer(mean, std, image_size: int, device, inverse: bool = False):
-    """x -> (x - mean) / std per channel as one fused multiply-add, x * (1/std) + (-mean/std):
-    dataset.normalize up to float rounding, one pass over the q*B perturbed images instead of two.
-    inverse=True: the map back, n -> n * std + mean.
-    On the CPU the per-channel factors are expanded to full channels-last planes, which vectorises best."""
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    scale, shift = (std_t, mean_t) if inverse else (1.0 / std_t, -mean_t * (1.0 / std_t))
-    if torch.device(device).type == "cpu":
-        plane = lambda t: t.expand(1, -1, image_size, image_size).contiguous(memory_format=torch.channels_last)  # noqa: E731
-        scale, shift = plane(scale), plane(shift)
-    return lambda x: torch.addcmul(shift, x, scale)
-
-
-# The allowed values live with the settings (core/config.py); library callers are checked too.
-BOUNDARY_STUDENT, ZO_SPACE, INVERSION_AUGMENT = (FIELDS[k].metadata["choices"] for k in
-                                                 ("boundary_student", "zo_space", "inversion_augment"))
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
-def recover(api, per_class: int, *, steps: int, lr: float = 1e-3, zo: ZOConfig | None = None,
-            student=None, adv: float = 0.0, nz: int = 256, generator: torch.Generator | None = None,
-            progress: bool = False, stats: dict | None = None,
-            boundary_student: str = DEFAULTS.boundary_student, zo_space: str = DEFAULTS.zo_space,
-            inversion_augment: str = DEFAULTS.inversion_augment, init: dict | None = None,
-            final: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def recover(api, per_class: int, cfg: Config, *, steps: int | None = None, student=None, adv: float = 0.0,
+            generator: torch.Generator | None = None, init: dict | None = None, final: dict | None = None,
+            progress: bool = False, stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Recover `per_class` images for each of the API's classes.
 
     api: BlackBoxAPI (or anything with .spec, .classes, .device and __call__ on normalized images).
+    cfg: the settings read here: ZO, q, mu, numsplit (the estimator), Glr, zo_space, inversion_augment,
+        boundary_student; steps defaults to its recovery steps (generate_iterations, or
+        meta_generator_steps with meta_generator).
     student: images in [0, 1] -> logits [B, way], the fixed adapted meta model f_theta'; used when adv > 0.
     generator: torch.Generator on the API's device for z, augmentation and ZO directions
         (the generator network's initial weights come from the global RNG).
-    stats: if a dict is given, filled with {"best_loss": mean of the kept images' losses, "final_loss"}.
-    boundary_student: "clean" (the original) or "perturbed"; see the module docstring.
-    zo_space: "normalized" (the original: x~ is normalised, then perturbed) or "pixel" (x~ in [0, 1]
-        is perturbed, then normalised).
-    inversion_augment: "batch" (the original: one crop/flip draw per step for the whole batch) or
-        "image" (one draw per image).
     init: start from {"generator": a state_dict, "z": [way*per_class, nz]} (either may be absent)
         instead of fresh weights and codes (synthesis/meta_generator.py); fresh ones are drawn anyway.
     final: if a dict is given, filled with {"generator": G's final state_dict, "z": the final codes}.
+    stats: if a dict is given, filled with {"best_loss": mean of the kept images' losses, "final_loss"}.
     Returns (images [way*per_class, C, S, S] in [0, 1], pre-augmentation; relative labels, grouped by class).
     """
-    check_choice("boundary_student", boundary_student, BOUNDARY_STUDENT)
-    check_choice("zo_space", zo_space, ZO_SPACE)
-    check_choice("inversion_augment", inversion_augment, INVERSION_AUGMENT)
-    if zo is None and not getattr(api, "white_box", True):
-        raise ValueError("white-box recovery (zo=None) needs an API opened with white_box=True; "
-                         "a black-box API only supports zo=ZOConfig(...)")
+    if not cfg.ZO and not getattr(api, "white_box", True):
+        raise ValueError("white-box recovery (ZO off) needs an API opened with white_box=True; a black-box API "
+                         "only answers zero-order queries (ZO on)")
+    steps = recovery_steps(cfg) if steps is None else steps
     spec, way = api.spec, len(api.classes)
     device = torch.device(getattr(api, "device", "cpu"))
     n = way * per_class
     target = torch.arange(way, device=device).repeat_interleave(per_class)
     use_student = student is not None and adv > 0
-    clean_student = use_student and boundary_student == "clean"
-    normalized = zo_space == "normalized"
-    cpu = device.type == "cpu"
+    clean_student = use_student and cfg.boundary_student == "clean"
+    normalized = cfg.zo_space == "normalized"
 
-    G = network.build("generator", image_size=spec.image_size, channels=spec.channels, nz=nz).to(device)
+    G = network.build("generator", image_size=spec.image_size, channels=spec.channels).to(device)
     G.reset()
     G.train()
-    if cpu:
-        G = G.to(memory_format=torch.channels_last)     # oneDNN convolutions (and their backward) prefer NHWC
-    norm = affine_normalizer(spec.mean, spec.std, spec.image_size, device)
-    denorm = affine_normalizer(spec.mean, spec.std, spec.image_size, device, inverse=True)
+    G = accel.fast_layout(G)
+    norm = accel.affine_normalizer(spec.mean, spec.std, spec.image_size, device)
+    denorm = accel.affine_normalizer(spec.mean, spec.std, spec.image_size, device, inverse=True)
     # d n / d x~ = 1 / std per channel: the chain rule from the normalised to the [0, 1] image
     inv_std = 1.0 / torch.as_tensor(spec.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    z = torch.randn(n, nz, device=device, generator=generator)
+    z = torch.randn(n, G.nz, device=device, generator=generator)
     if init is not None:
         if "generator" in init:
             G.load_state_dict(init["generator"])
@@ -139,7 +97,7 @@ def recover(api, per_class: int, *, steps: int, lr: float = 1e-3, zo: ZOConfig |
             z = init["z"].to(device, torch.float32).clone()
     z.requires_grad_()
     params = [*G.parameters(), z]
-    opt = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
+    opt = torch.optim.Adam(params, lr=cfg.Glr, betas=(0.5, 0.999))
 
     def student_logits(x01: torch.Tensor) -> torch.Tensor:
         # inference_mode: no graph is needed, and it is cheaper than no_grad (bench/RESULTS.md);
@@ -171,16 +129,14 @@ def recover(api, per_class: int, *, steps: int, lr: float = 1e-3, zo: ZOConfig |
         it = tqdm(it, desc=f"recover {spec.name}/{getattr(api, 'arch', '?')}", leave=False)
     for _ in it:
         x = G(z)
-        xa = random_crop_flip(x, generator=generator, per=inversion_augment)
-        if zo is not None:
+        xa = random_crop_flip(x, generator=generator, per=cfg.inversion_augment)
+        if cfg.ZO:
             xd = xa.detach()
             s_clean = student_logits(xd) if clean_student else None
-            xin = norm(xd) if normalized else xd
-            if cpu:
-                xin = xin.contiguous(memory_format=torch.channels_last)   # perturb in the API's layout
+            xin = accel.fast_layout(norm(xd) if normalized else xd)    # perturbed in the API's layout
             # a perturbed-image student runs functional_call on the meta model: not thread-safe
-            g, loss = zo_grad(lambda xs: loss_of(xs, s_clean, normalized), xin, zo.q, zo.mu, zo.numsplit,
-                              generator=generator, lanes=zo.lanes, concurrent=not use_student or clean_student)
+            g, loss = zo_grad(lambda xs: loss_of(xs, s_clean, normalized), xin, cfg.q, cfg.mu, cfg.numsplit,
+                              generator=generator, concurrent=not use_student or clean_student)
             if normalized:
                 g = g * inv_std
             objective = surrogate(xa, g)

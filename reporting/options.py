@@ -1,4 +1,4 @@
-"""docs/options.md, generated from the entry points' parsers:  python -m core.options > docs/options.md"""
+"""docs/options.md, generated from the entry points' parsers:  python -m reporting.options > docs/options.md"""
 from __future__ import annotations
 
 
@@ -7,9 +7,9 @@ def markdown() -> str:
     import pretrain
     from synthesis import __main__ as synthesis_cli
 
-    from .config import make_parser, options_markdown
+    from core.config import make_parser, options_markdown
     parts = ["# Options", "",
-             "Generated from the flag parsers (`python -m core.options > docs/options.md`); a test keeps it in "
+             "Generated from the flag parsers (`python -m reporting.options > docs/options.md`); a test keeps it in "
              "step with `--help`. Every setting, its default and its help text live in `core/config.py`; a "
              "preset (`--preset NAME`, the files in `config/`) changes the defaults, and explicit flags win.", ""]
     for spec in (main.PARSER, pretrain.PARSER, synthesis_cli.PARSER):

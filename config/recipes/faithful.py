@@ -1,0 +1,1 @@
+# The original's method: the defaults of core/config.py as they are (docs/differences.md).

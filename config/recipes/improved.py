@@ -1,0 +1,2 @@
+# The variants that beat the faithful recipe in the ablation, with intervals apart (docs/differences.md).
+init = "torch"
