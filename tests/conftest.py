@@ -8,20 +8,19 @@ import os
 import subprocess
 import sys
 
-# OpenMP threads that spin while waiting make every op crawl when the CPU is oversubscribed (a
-# shared CI box: measured 70x slower conv4 backward at load 7 on 2 cores); must be set before torch
-# loads its OpenMP runtime, and subprocesses (the CLI fixtures) inherit it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+# As every entry point does (core/cli.py), before torch loads its OpenMP runtime: passive OpenMP waiting
+# (spinning threads made a conv4 backward 70x slower at load 7 on 2 cores; subprocesses inherit it) and
+# glibc's malloc keeping freed memory.
+from accel.process import setup_process  # noqa: E402
+
+setup_process()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-from core.allocator import keep_freed_memory  # noqa: E402
-
-keep_freed_memory()     # as every entry point does (core/cli.py)
 
 # ------------------------------------------------------------------ the test device
 # BIDF_TEST_DEVICE=cuda runs the device-independent tests on the GPU (bench/gpu_check.sh); tests that

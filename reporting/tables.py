@@ -1,0 +1,588 @@
+"""The accuracy and timing tables of README.md, docs/*.md and bench/RESULTS.md, generated from results/.
+
+    python -m reporting.tables            rewrite every generated block from the files in results/
+    python -m reporting.tables --check    change nothing; exit 1 naming each block that differs
+    python -m reporting.tables --import-demo RUN_DIR --recipe faithful --machine "..."
+                                          a finished demo run (its results.json, written by
+                                          `python -m reporting RUN_DIR`) into results/demo.json, then rewrite
+
+A generated block sits between two marker comments in a page: `<!-- table: NAME -->` ... `<!-- /table -->`
+on lines of their own (a table, or a paragraph), or `<!-- text: NAME -->...<!-- /text -->` inside a line
+(a figure or a phrase in prose). NAME is one of GENERATORS below. A result file holds measured figures
+and their provenance only; what is derived from them (the gap closed, whether two 95% intervals are
+apart, differences and ratios) is computed here. The check also flags any "acc ± ci" figure in the
+pages that no result file holds, so a number typed by hand cannot drift from its run.
+
+Standard library only: the tests run the check in-process, and it must not load torch.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import difflib
+import glob
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = "results"
+FIX = "python -m reporting.tables"
+
+OPEN = re.compile(r"<!-- (table|text): ([A-Za-z0-9_.-]+) -->")
+FIGURE = re.compile(r"(?<![\d.])(\d+\.\d+) ± (\d+\.\d+)")
+# "acc ± ci" figures that are not measurements (an example log line).
+NOT_MEASURED = {("docs/outputs.md", "29.28 ± 1.45"), ("docs/outputs.md", "32.84 ± 1.63")}
+
+
+# ------------------------------------------------------------------ arithmetic
+def apart(a: float, ci_a: float, b: float, ci_b: float) -> bool:
+    """Are the two 95% intervals a ± ci_a and b ± ci_b disjoint? (touching intervals overlap)"""
+    return abs(a - b) - (ci_a + ci_b) > 1e-9
+
+
+def gap_closed(method: float, random_init: float, real: float) -> float:
+    """The share of the gap between random init and the real-data upper bound that a method closes."""
+    return (method - random_init) / (real - random_init)
+
+
+def percent(x: float) -> str:
+    return f"{math.floor(100 * x + 0.5):.0f}%"
+
+
+def acc(r: dict) -> str:
+    return f"{r['acc']:.2f} ± {r['ci']:.2f}"
+
+
+def thousands(n: int) -> str:
+    return f"{n:,}"
+
+
+def ratio(reference: int, n: int) -> str:
+    return f"1/{reference / n:.1f}"
+
+
+def vs(row: dict, base: dict) -> str:
+    """A row against the baseline: the difference, and whether the intervals are apart."""
+    d = row["acc"] - base["acc"]
+    return f"{d:+.2f}" + (" (CIs apart)" if apart(row["acc"], row["ci"], base["acc"], base["ci"]) else "")
+
+
+# ------------------------------------------------------------------ results
+def load(root: str = ROOT) -> dict:
+    """Every results/NAME.json, by NAME."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(root, RESULTS, "*.json"))):
+        with open(path, encoding="utf-8") as f:
+            try:
+                out[os.path.splitext(os.path.basename(path))[0]] = json.load(f)
+            except json.JSONDecodeError as e:
+                raise json.JSONDecodeError(f"{os.path.relpath(path, root)}: {e.msg}", e.doc, e.pos) from None
+    return out
+
+
+def measured_figures(res: dict) -> set:
+    """Every (acc, ci) pair any result file holds."""
+    found = set()
+
+    def walk(x):
+        if isinstance(x, dict):
+            if isinstance(x.get("acc"), (int, float)) and isinstance(x.get("ci"), (int, float)):
+                found.add((round(float(x["acc"]), 6), round(float(x["ci"]), 6)))
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+    walk(res)
+    return found
+
+
+# ------------------------------------------------------------------ the demo (README)
+DEMO_METHODS = (("random_init", "random-init meta model"),
+                ("bidf_mkd", "BiDf-MKD (black-box, zero-order)"),
+                ("maml_real", "MAML on the real meta-train data (upper bound)"))
+RECIPES = ("faithful", "improved")
+SHOTS = (1, 5)
+
+
+def demo_cell(run: dict, method: str, shot: int) -> dict:
+    for r in run["rows"]:
+        if r["method"] == method and r["shot"] == shot:
+            return r
+    raise KeyError(f"results/demo.json: no {method} {shot}-shot row")
+
+
+def demo_provenance(R: dict) -> str:
+    recipes = R["demo"]["recipes"]
+    keys = ("date", "machine", "kernels", "commit")
+
+    def where(p):
+        return f"on {p['date']} on {p['machine']} with {p['kernels']}, at commit {p['commit']}"
+    f, i = recipes["faithful"], recipes["improved"]
+    tasks = {r.get("test_tasks") for r in recipes.values()}
+    head = (f"Both recipes were measured {where(f)}." if all(f[k] == i[k] for k in keys)
+            else f"The faithful default was measured {where(f)}; the improved recipe {where(i)}.")
+    return (f"{head} Meta-test accuracy (%) ± 95% CI over {' / '.join(map(str, sorted(tasks)))} tasks; "
+            "chance is 20%.")
+
+
+def demo_table(R: dict) -> str:
+    recipes = R["demo"]["recipes"]
+    lines = ["| method | faithful: 1-shot | 5-shot | improved: 1-shot | 5-shot |", "|---|---|---|---|---|"]
+    for method, label in DEMO_METHODS:
+        cells = [acc(demo_cell(recipes[rc], method, s)) for rc in RECIPES for s in SHOTS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _columns_apart(R: dict) -> tuple[list, list]:
+    """(columns where BiDf-MKD is above random init with disjoint intervals, the other columns)."""
+    yes, no = [], []
+    for rc in RECIPES:
+        run = R["demo"]["recipes"][rc]
+        for s in SHOTS:
+            b, r = demo_cell(run, "bidf_mkd", s), demo_cell(run, "random_init", s)
+            ok = b["acc"] > r["acc"] and apart(b["acc"], b["ci"], r["acc"], r["ci"])
+            (yes if ok else no).append(f"{rc} {s}-shot")
+    return yes, no
+
+
+def _demo_gap(R: dict, recipe: str, shot: int = 1) -> str:
+    run = R["demo"]["recipes"][recipe]
+    return percent(gap_closed(*(demo_cell(run, m, shot)["acc"] for m in ("bidf_mkd", "random_init", "maml_real"))))
+
+
+def demo_summary(R: dict) -> str:
+    f, i = R["demo"]["recipes"]["faithful"], R["demo"]["recipes"]["improved"]
+    yes, no = _columns_apart(R)
+    if not no:
+        beats = "beats the untrained meta model with non-overlapping intervals in every column"
+    elif yes:
+        beats = (f"beats the untrained meta model with non-overlapping intervals in {', '.join(yes)} "
+                 f"(not in {', '.join(no)})")
+    else:
+        beats = "does not beat the untrained meta model with non-overlapping intervals in any column"
+    return (f"BiDf-MKD never sees a real image, only API outputs (faithful: {f['api_visits']} API visits, "
+            f"{thousands(f['api_queries'])} queries; improved: {i['api_visits']} visits, "
+            f"{thousands(i['api_queries'])} queries), and {beats}.\n"
+            f"At 1 shot it closes {_demo_gap(R, 'faithful')} of the gap between random init and MAML on the "
+            f"real data with the faithful default and {_demo_gap(R, 'improved')} with the improved recipe.")
+
+
+def demo_gap(R: dict) -> str:
+    return f"{_demo_gap(R, 'faithful')} (faithful) and {_demo_gap(R, 'improved')} (improved)"
+
+
+def demo_faithful_1shot(R: dict) -> str:
+    return acc(demo_cell(R["demo"]["recipes"]["faithful"], "bidf_mkd", 1))
+
+
+def demo_visits(R: dict) -> str:
+    f, i = R["demo"]["recipes"]["faithful"], R["demo"]["recipes"]["improved"]
+    return (f"{f['api_visits']} black-box API visits ({thousands(f['api_queries'])} queries; "
+            f"{i['api_visits']} visits and {thousands(i['api_queries'])} queries with the improved recipe)")
+
+
+def demo_apart(R: dict) -> str:
+    yes, no = _columns_apart(R)
+    if not no:
+        return "with non-overlapping 95% intervals at 1 and 5 shots, with either recipe"
+    return f"with non-overlapping 95% intervals in {', '.join(yes) or 'no column'} (not in {', '.join(no)})"
+
+
+def demo_kernels(R: dict) -> str:
+    main = R["demo"]["recipes"]["faithful"]
+    other = R["demo"]["other_kernels"][0]
+    a, b = demo_cell(other, "random_init", 1)["acc"], demo_cell(main, "random_init", 1)["acc"]
+    who = other["kernels"] if other["machine"] == main["machine"] else f"{other['kernels']} on {other['machine']}"
+    if a == b:
+        return f"{who} give the same random-init 1-shot figure, {b:.2f}"
+    return f"{who} give {a:.2f} instead of {b:.2f} for the random-init 1-shot row"
+
+
+def demo_other_kernels(R: dict) -> str:
+    """The AVX-512 run's table in one line (bench/RESULTS.md)."""
+    run = R["demo"]["other_kernels"][0]
+
+    def cell(m, s):
+        r = demo_cell(run, m, s)
+        return acc(r) if r.get("ci") is not None else f"{r['acc']:.2f}"
+    names = {"random_init": "random init", "bidf_mkd": "BiDf-MKD", "maml_real": "MAML"}
+    return ", ".join(f"{names[m]} {cell(m, 1)} / {cell(m, 5)}" for m, _ in DEMO_METHODS) + " (1-shot / 5-shot)"
+
+
+# ------------------------------------------------------------------ the ablation (docs/differences.md)
+def _ablation_base(A: dict) -> dict:
+    return next(r for r in A["rows"] if r["row"] == A["baseline"])
+
+
+def ablation_table(R: dict) -> str:
+    A = R["ablation"]
+    base = _ablation_base(A)
+    lines = ["| row | main.py flags | APIs pretrained with | 5-way 1-shot (%) | vs faithful | API queries | visits "
+             "| training s |", "|---|---|---|---|---|---|---|---|"]
+    for r in A["rows"]:
+        flags = f"`{r['flags']}`" if r["flags"] else "(defaults)"
+        pool = r["pool"] if r["pool"] == "(defaults)" else f"`{r['pool']}`"
+        lines.append(f"| {r['row']} | {flags} | {pool} | {acc(r)} | {'—' if r is base else vs(r, base)} | "
+                     f"{thousands(r['api_queries'])} | {r['api_visits']} | {r['train_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def ablation_switch_range(R: dict) -> str:
+    """How far each single switch other than the initialisation moves the baseline, in points."""
+    A = R["ablation"]
+    base = _ablation_base(A)
+    d = [abs(r["acc"] - base["acc"]) for r in A["rows"] if r["kind"] == "switch" and r["row"] != "init_torch"]
+    return f"{min(d):.1f} to {max(d):.1f}"
+
+
+def ablation_recipes(R: dict) -> str:
+    lines = ["| recipe | random init | BiDf-MKD | MAML on the real data | gap closed by BiDf-MKD |",
+             "|---|---|---|---|---|"]
+    for r in R["ablation"]["recipes"]["rows"]:
+        b = r["bidf_mkd"]
+        g = gap_closed(b["acc"], r["random_init"]["acc"], r["maml_real"]["acc"])
+        lines.append(f"| {r['label']} | {acc(r['random_init'])} | {acc(b)} ({thousands(b['api_queries'])} queries) "
+                     f"| {acc(r['maml_real'])} | {percent(g)} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ queries (docs/queries.md)
+def _row(table: dict, name: str) -> dict:
+    return next(r for r in table["rows"] if r["row"] == name)
+
+
+def queries_curve(R: dict) -> str:
+    C = R["queries"]["curve"]
+    full = _row(C, C["reference"])["queries"]
+    lines = ["| row | method | query budget | API queries | vs paper_full | visits | 5-way 1-shot (%) | training s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in C["rows"]:
+        budget = "none" if r["budget"] is None else thousands(r["budget"])
+        lines.append(f"| {r['row']} | {r['method']} | {budget} | {thousands(r['queries'])} | "
+                     f"{ratio(full, r['queries'])} | {r['visits']} | {acc(r)} | {r['train_seconds']:.0f} |")
+    for r in C["lines"]:
+        lines.append(f"| — | {r['label']} | — | 0 | — | — | {acc(r)} | — |")
+    lines += ["", f"Demo preset (`--preset {C['preset']}`, {C['tasks']} tasks), seed {C['seed']}, model chosen on "
+                  f"meta_val; 5-way 1-shot meta-test accuracy ± 95% CI over {C['test_tasks']} tasks. Measured "
+                  f"{C['date']} on {C['machine']}, {C['conditions']}; commit {C['commit']} (the library code of "
+                  f"every row is that of {C['library_commit']}). Command: `{C['command']}`."]
+    return "\n".join(lines)
+
+
+def queries_rerun(R: dict) -> str:
+    T = R["queries"]["rerun"]
+    full = _row(T, T["reference"])["queries"]
+    lines = ["| row | API queries | vs paper_full | visits | 5-way 1-shot (%) |", "|---|---|---|---|---|"]
+    for r in T["rows"]:
+        lines.append(f"| {r['row']} | {thousands(r['queries'])} | {ratio(full, r['queries'])} | {r['visits']} | "
+                     f"{acc(r)} |")
+    return "\n".join(lines)
+
+
+def queries_seed2023(R: dict) -> str:
+    T = R["queries"]["seed2023"]
+    p, m = _row(T, "paper_full"), _row(T, "mg_1_10")
+    if apart(m["acc"], m["ci"], p["acc"], p["ci"]):
+        whose = "its" if m["acc"] > p["acc"] else "the paper recovery's"
+        verdict = f"The intervals are apart, in {whose} favour."
+    else:
+        verdict = "The intervals overlap."
+    return (f"the paper's recovery made {p['visits']} visits, {thousands(p['queries'])} queries, and scored "
+            f"{acc(p)}; `--meta_generator` under {m['budget_share']} of that made {m['visits']} visits, "
+            f"{thousands(m['queries'])} queries ({ratio(p['queries'], m['queries'])}), and scored {acc(m)}. "
+            f"{verdict}")
+
+
+def queries_tuning(R: dict) -> str:
+    lines = ["| `--meta_generator_steps` | `--meta_generator_lr` | visits | queries | meta_val | meta_test (100 tasks) |",
+             "|---|---|---|---|---|---|"]
+    for r in R["queries"]["tuning"]["rows"]:
+        head = f"{r['label']} | —" if r["label"] else f"{r['steps']} | {r['lr']:.1f}"
+        lines.append(f"| {head} | {r['visits']} | {thousands(r['queries'])} | {r['meta_val']:.2f} | {acc(r)} |")
+    return "\n".join(lines)
+
+
+def queries_vs_ablation(R: dict) -> str:
+    """The curve's paper run against the ablation's faithful demo, on the same code."""
+    C = R["queries"]["curve"]
+    p = _row(C, "paper_full")
+    demo = next(r for r in R["ablation"]["recipes"]["rows"] if r["recipe"] == "faithful")
+    b = demo["bidf_mkd"]
+    level = "the intervals are apart" if apart(p["acc"], p["ci"], b["acc"], b["ci"]) else "the intervals overlap"
+    same = [(x["acc"], x["ci"]) for x in C["lines"]] == [(demo[k]["acc"], demo[k]["ci"]) for k in ("random_init", "maml_real")]
+    return (f"{acc(p)} against that demo's {acc(b)} ({level}), and "
+            + ("both baselines are that demo's to the last digit" if same else "its baselines differ from that demo's"))
+
+
+# ------------------------------------------------------------------ timings (bench/RESULTS.md)
+def demo_timing(R: dict) -> str:
+    T = R["timings"]["demo_run"]
+    lines = ["| demo.sh | run | total | BiDf-MKD ended | worker 2's evaluations ended | user CPU | CPU use |",
+             "|---|---|---|---|---|---|---|"]
+    for r in T["runs"]:
+        total = f"**{r['total_s']} s**" if r.get("current") else f"{r['total_s']} s"
+        lines.append(f"| {r['setting']} | {r['start_utc']} | {total} | {r['bidf_mkd_ended_s']} s | "
+                     f"{r['worker2_evaluations_ended_s']} s | {r['user_cpu_s']} s | "
+                     f"{percent(r['user_cpu_s'] / r['total_s'])} |")
+    return "\n".join(lines)
+
+
+def boundary_ratio(R: dict) -> str:
+    B = R["timings"]["boundary"]
+    lines = ["| scale (32x32) | before | now (one figure per run) |", "|---|---|---|"]
+    for r in B["rows"]:
+        lines.append(f"| {r['scale']} | {', '.join(f'{x:.2f}' for x in r['before'])} | "
+                     f"{', '.join(f'{x:.2f}' for x in r['now'])} |")
+    return "\n".join(lines)
+
+
+def boundary_cost(R: dict) -> str:
+    L = R["timings"]["boundary"]["timing_loop"]
+    return (f"about {L['perturbed_query_s'] / L['support_s']:.1f} times a support step at the paper's geometry, "
+            f"against {L['clean_query_s'] / L['support_s']:.1f} times with `clean`")
+
+
+# ------------------------------------------------------------------ the demo dataset's difficulty (docs/datasets.md)
+def difficulty(R: dict) -> str:
+    D = R["difficulty"]
+    apis = D["api_held_out_acc"]
+    lines = ["| check | accuracy |", "|---|---|",
+             f"| 5-way conv4 APIs {'/'.join(str(i) for i in range(len(apis)))} (best held-out epoch) | "
+             f"{' / '.join(map(str, apis))}% (mean {sum(apis) / len(apis):.1f}%) |"]
+    for r in D["rows"]:
+        cell = f"{r['acc']:.1f} ± {r['ci']:.1f}%"
+        if r.get("bold"):
+            cell = f"**{cell}**"
+        if r.get("shot5"):
+            cell += f" (5-shot {r['shot5']['acc']:.1f} ± {r['shot5']['ci']:.1f}%)"
+        lines.append(f"| {r['check']} | {cell} |")
+    return "\n".join(lines)
+
+
+# NAME: (the result file it reads, the function that writes the block)
+GENERATORS = {
+    "demo-provenance": ("demo", demo_provenance),
+    "demo": ("demo", demo_table),
+    "demo-summary": ("demo", demo_summary),
+    "demo-gap": ("demo", demo_gap),
+    "demo-faithful-1shot": ("demo", demo_faithful_1shot),
+    "demo-visits": ("demo", demo_visits),
+    "demo-apart": ("demo", demo_apart),
+    "demo-kernels": ("demo", demo_kernels),
+    "demo-other-kernels": ("demo", demo_other_kernels),
+    "ablation": ("ablation", ablation_table),
+    "ablation-switch-range": ("ablation", ablation_switch_range),
+    "ablation-recipes": ("ablation", ablation_recipes),
+    "queries-curve": ("queries", queries_curve),
+    "queries-rerun": ("queries", queries_rerun),
+    "queries-seed2023": ("queries", queries_seed2023),
+    "queries-tuning": ("queries", queries_tuning),
+    "queries-vs-ablation": ("queries", queries_vs_ablation),
+    "demo-timing": ("timings", demo_timing),
+    "boundary-ratio": ("timings", boundary_ratio),
+    "boundary-cost": ("timings", boundary_cost),
+    "difficulty": ("difficulty", difficulty),
+}
+
+
+# ------------------------------------------------------------------ pages
+def pages(root: str = ROOT) -> list[str]:
+    """The pages that hold tables, relative to root."""
+    out = ["README.md"] + sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "docs", "*.md")))
+    if os.path.exists(os.path.join(root, "bench", "RESULTS.md")):
+        out.append(os.path.join("bench", "RESULTS.md"))
+    return [p.replace(os.sep, "/") for p in out]
+
+
+class MarkerError(ValueError):
+    pass
+
+
+def render(text: str, R: dict, page: str = "") -> tuple[str, list[tuple[str, str, str, str]]]:
+    """(text with every generated block rewritten, [(kind, name, old content, new content)] per block)."""
+    out, blocks, pos = [], [], 0
+    for m in OPEN.finditer(text):
+        if m.start() < pos:
+            raise MarkerError(f"{page}: marker {m.group(0)} inside another generated block")
+        kind, name = m.group(1), m.group(2)
+        close = f"<!-- /{kind} -->"
+        end = text.find(close, m.end())
+        if end < 0:
+            raise MarkerError(f"{page}: {m.group(0)} has no {close}")
+        if name not in GENERATORS:
+            raise MarkerError(f"{page}: {m.group(0)}: no generator named {name!r} in reporting/tables.py")
+        line_start = m.start() == 0 or text[m.start() - 1] == "\n"
+        block = line_start and text.startswith("\n", m.end())
+        if line_start and not block:
+            raise MarkerError(f"{page}: {m.group(0)} starts a line but is followed by text on it; put a block's "
+                              "markers on lines of their own, or an inline one after other text")
+        body = GENERATORS[name][1](R)
+        new = f"\n{body}\n" if block else body
+        old = text[m.end():end]
+        blocks.append((kind, name, old, new))
+        out += [text[pos:m.end()], new]
+        pos = end
+    out.append(text[pos:])
+    return "".join(out), blocks
+
+
+def unsourced(text: str, page: str, figures: set) -> list[str]:
+    """Every "acc ± ci" figure of a page that no result file holds."""
+    bad = []
+    for m in FIGURE.finditer(text):
+        key = (round(float(m.group(1)), 6), round(float(m.group(2)), 6))
+        if key not in figures and (page, m.group(0)) not in NOT_MEASURED:
+            line = text.count("\n", 0, m.start()) + 1
+            bad.append(f"{page}:{line}: {m.group(0)} is in no file of {RESULTS}/ (add its run there, or drop it)")
+    return bad
+
+
+def check(root: str = ROOT, R: dict | None = None, files: list[str] | None = None) -> list[str]:
+    """Every problem as one message: blocks that differ from their result file, unsourced figures,
+    broken markers. Empty when the pages agree with results/. Changes nothing."""
+    R = load(root) if R is None else R
+    figures = measured_figures(R)
+    problems = []
+    for page in files or pages(root):
+        with open(os.path.join(root, page), encoding="utf-8") as f:
+            text = f.read()
+        try:
+            _, blocks = render(text, R, page)
+        except (MarkerError, KeyError, StopIteration) as e:
+            problems.append(f"{page}: {e!r}" if not isinstance(e, MarkerError) else str(e))
+            continue
+        for kind, name, old, new in blocks:
+            if old != new:
+                diff = "\n".join(difflib.unified_diff(old.strip("\n").splitlines(), new.strip("\n").splitlines(),
+                                                      "page", f"{RESULTS}/{GENERATORS[name][0]}.json", lineterm="", n=0))
+                problems.append(f"{page}: {kind} '{name}' differs from {RESULTS}/{GENERATORS[name][0]}.json\n{diff}")
+        problems += unsourced(text, page, figures)
+    return problems
+
+
+def write(root: str = ROOT, R: dict | None = None) -> list[str]:
+    """Rewrite every generated block; returns the pages changed."""
+    R = load(root) if R is None else R
+    changed = []
+    for page in pages(root):
+        path = os.path.join(root, page)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        new, _ = render(text, R, page)
+        if new != text:
+            tmp = path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(new)
+            os.replace(tmp, path)
+            changed.append(page)
+    return changed
+
+
+# ------------------------------------------------------------------ importing a demo run
+def _git_commit(root: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def import_demo(run_dir: str, recipe: str, machine: str, kernels: str | None = None, date: str | None = None,
+                commit: str | None = None, command: str | None = None, root: str = ROOT) -> dict:
+    """Put a finished demo run (RUN_DIR/results.json) into results/demo.json as the given recipe's entry."""
+    if recipe not in RECIPES:
+        raise SystemExit(f"error: --recipe must be one of {', '.join(RECIPES)}")
+    path = os.path.join(run_dir, "results.json")
+    try:
+        with open(path) as f:
+            run = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: {path}: {e}; run `python -m reporting {run_dir}` first")
+    rows = {(r["method"], r["shot"]): r for r in run.get("rows", [])}
+    missing = [f"{m} {s}-shot" for m, _ in DEMO_METHODS for s in SHOTS if (m, s) not in rows]
+    if missing or run.get("api_queries") is None or run.get("api_visits") is None:
+        raise SystemExit(f"error: {path} is not a finished demo: missing {', '.join(missing) or 'the query count'}")
+    tasks = sorted({rows[k].get("tasks") for k in rows if rows[k].get("tasks")})
+    entry = {
+        "date": date or datetime.datetime.fromtimestamp(os.path.getmtime(path), datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "machine": machine,
+        "kernels": kernels or "the machine's own kernels",
+        "command": command or ("DEMO_RECIPE=improved bash scriptskd/demo.sh" if recipe == "improved" else "bash scriptskd/demo.sh"),
+        "commit": commit or _git_commit(root) or "unknown",
+        "run_dir": os.path.basename(os.path.normpath(run_dir)),
+        "test_tasks": tasks[0] if len(tasks) == 1 else tasks,
+        "api_visits": run["api_visits"],
+        "api_queries": run["api_queries"],
+        "wall_seconds": run.get("wall_seconds"),
+        "rows": [{"method": m, "shot": s, "acc": rows[(m, s)]["acc"], "ci": rows[(m, s)]["ci"]}
+                 for m, _ in DEMO_METHODS for s in SHOTS],
+    }
+    demo_path = os.path.join(root, RESULTS, "demo.json")
+    with open(demo_path) as f:
+        demo = json.load(f)
+    demo["recipes"][recipe] = entry
+    tmp = demo_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(demo, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, demo_path)
+    return entry
+
+
+# ------------------------------------------------------------------ command line
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog=FIX, description=__doc__.split("\n")[0])
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 when a generated block disagrees "
+                                                        "with its result file")
+    p.add_argument("--root", default=ROOT, help=argparse.SUPPRESS)
+    g = p.add_argument_group("importing a demo run into results/demo.json (then every page is rewritten)")
+    g.add_argument("--import-demo", metavar="RUN_DIR", help="a finished demo's directory (its results.json)")
+    g.add_argument("--recipe", choices=RECIPES, help="which columns of the README's table it measured")
+    g.add_argument("--machine", help='where it ran, as the README should say it, e.g. "the development machine '
+                                     '(Intel Xeon, 2 CPU cores, no GPU, torch 2.14.1)"')
+    g.add_argument("--kernels", help="which kernels (default: the machine's own kernels)")
+    g.add_argument("--date", help="YYYY-MM-DD (default: when results.json was written)")
+    g.add_argument("--commit", help="default: git rev-parse --short HEAD")
+    g.add_argument("--command", help="default: bash scriptskd/demo.sh (with DEMO_RECIPE=improved for improved)")
+    a = p.parse_args(argv)
+    if a.import_demo:
+        if a.check or not a.recipe or not a.machine:
+            p.error("--import-demo needs --recipe and --machine, and no --check")
+        entry = import_demo(a.import_demo, a.recipe, a.machine, a.kernels, a.date, a.commit, a.command, a.root)
+        print(f"{RESULTS}/demo.json: {a.recipe} <- {a.import_demo} ({entry['date']}, commit {entry['commit']})")
+    try:
+        R = load(a.root)
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"error: a file of {RESULTS}/ does not read as JSON: {e}", file=sys.stderr)
+        return 1
+    if a.check:
+        problems = check(a.root, R)
+        for msg in problems:
+            print(msg)
+        if problems:
+            print(f"\n{len(problems)} problem(s). Tables and figures are generated from {RESULTS}/: run `{FIX}` "
+                  f"to rewrite the blocks (edit the result file, not the page).")
+            return 1
+        print(f"every generated block agrees with {RESULTS}/")
+        return 0
+    try:
+        changed = write(a.root, R)
+    except (MarkerError, KeyError, StopIteration) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for page in changed:
+        print(f"rewrote {page}")
+    problems = [m for m in check(a.root, R) if "is in no file of" in m]
+    for msg in problems:
+        print(msg)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
