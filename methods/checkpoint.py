@@ -12,6 +12,7 @@ from core.errors import CheckpointError
 from core.io import atomic_torch_save, load_checkpoint
 
 from .memory import PREVIEW
+from .run_state import LoopState
 
 
 def save_last(run) -> None:
@@ -44,7 +45,7 @@ def save_best(run) -> None:
                           os.path.join(run.out_dir, "best.pth"))
 
 
-def resume(run, path: str, state_type) -> None:
+def resume(run, path: str) -> None:
     """Rank 0 reads the checkpoint (and the memory's files) and hands them to the other processes."""
     def read():
         ck = load_checkpoint(path, what="run checkpoint", hint="it is left untouched: restore it, or pass "
@@ -64,7 +65,7 @@ def resume(run, path: str, state_type) -> None:
     run.optimizer.load_state_dict(ck["optimizer"])
     if run.meta_generator is not None and "meta_generator" in ck:
         run.meta_generator.load_state_dict(ck["meta_generator"])
-    run.state = state_type(**{k: v for k, v in ck["state"].items() if k in state_type.__dataclass_fields__})
+    run.state = LoopState(**{k: v for k, v in ck["state"].items() if k in LoopState.__dataclass_fields__})
     run.saved_task = run.state.task
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from torch import nn
+from tqdm import tqdm
 
 import accel
 from core import dist
@@ -21,6 +22,7 @@ from core.config import Config
 from core.io import atomic_json
 from dataset import MIX_DATASETS, check_episode, fixed_tasks, get_spec, load_split
 
+from . import checkpoint
 from .maml import confidence_interval, meta_params, percent, task_hits
 from .meta_model import MetaInput
 
@@ -99,4 +101,62 @@ def evaluate_only(run) -> dict:
         atomic_json(summary, os.path.join(run.out_dir, "summary.json"))
         print(f"done: {cfg.way_test}-way {cfg.num_sup_test}-shot meta_test {test:.2f} ± {test_ci:.2f} "
               f"({cfg.episode_test} tasks) of {cfg.evaluate} -> {run.out_dir}")
+    return summary
+
+
+# ---------------------------------------------------------------- in a meta-training run (methods/meta_train.py)
+
+def evaluate(run) -> None:
+    """Score meta_val and meta_test; log them; keep the model with the best meta_val accuracy (best.pth)."""
+    cfg, s, t = run.cfg, run.state, time.time()
+    res = evaluate_all(run.model, cfg, run.splits, run.prep, run.device, run.ex, run.procs)
+    s.evals += 1
+    for (split, ds), (acc, ci) in res.items():
+        run.metrics.write({"task": s.task, "meta_iter": s.task // cfg.episode_batch, "split": split, "dataset": ds,
+                           "acc": round(acc, 4), "ci": round(ci, 4), "api_queries": run.queries(),
+                           "api_visits": s.api_visits, "queries_per_visit": round(run.queries() / max(s.api_visits, 1)),
+                           "recovery_steps_per_visit": round(s.recovery_steps / max(s.api_visits, 1), 2),
+                           "wall_seconds": round(run.wall(), 2)})
+        run.tb.add_scalar(f"eval/{split if ds in ('mean', cfg.dataset) else f'{split}/{ds}'}", acc, s.task)
+    (val, val_ci), (test, test_ci) = headline(cfg, res, "meta_val"), headline(cfg, res, "meta_test")
+    s.last_res = {f"{k[0]}/{k[1]}": v for k, v in res.items()}
+    if val > s.best_val:
+        s.best_val, s.best_val_ci, s.best_val_task = val, val_ci, s.task
+        s.best_val_test, s.best_val_test_ci, s.best_val_res = test, test_ci, dict(s.last_res)
+        checkpoint.save_best(run)
+    if test > s.best_test:
+        s.best_test, s.best_test_ci, s.best_test_task = test, test_ci, s.task
+    run.tb.add_scalar("eval/test_acc_best_on_val", s.best_val_test, s.task)
+    run.tb.add_scalar("eval/test_acc_best_on_test (original protocol)", s.best_test, s.task)
+    run.tb.add_scalar("eval/seconds", time.time() - t, s.task)
+    if run.procs.is_main:
+        tqdm.write(f"[task {s.task} | meta-iter {s.task // cfg.episode_batch}] meta_val {val:.2f} ± {val_ci:.2f}  "
+                   f"meta_test {test:.2f} ± {test_ci:.2f}  | best on val: test {s.best_val_test:.2f} (task "
+                   f"{s.best_val_task})  best on test (original protocol): {s.best_test:.2f}  | visits "
+                   f"{s.api_visits} queries {run.queries()}  {run.wall():.0f}s")
+
+
+def finish(run) -> dict:
+    """summary.json (its presence marks a finished run) and the closing line."""
+    s, cfg = run.state, run.cfg
+    last = {tuple(k.split("/", 1)): tuple(v) for k, v in s.last_res.items()}
+    summary = {"test_acc": s.best_val_test, "test_ci": s.best_val_test_ci, "val_acc": s.best_val,
+               "val_ci": s.best_val_ci, "best_task": s.best_val_task,
+               "last_test_acc": headline(cfg, last, "meta_test")[0] if last else None,
+               "test_acc_best_on_test (original protocol)": s.best_test,
+               "test_ci_best_on_test (original protocol)": s.best_test_ci,
+               "best_on_test_task (original protocol)": s.best_test_task,
+               "api_queries": run.queries(), "api_visits": s.api_visits, "tasks": s.task,
+               "tasks_run": s.task - cfg.start_id + 1 if cfg.baseline != "random_init" else 0,
+               "wall_seconds": round(run.wall(), 2), "device": str(run.device), "baseline": cfg.baseline,
+               "processes": run.procs.world}
+    if cfg.mh:
+        summary["per_dataset_best_on_val"] = {k: {"acc": v[0], "ci": v[1]} for k, v in s.best_val_res.items()}
+    run.tb.close()
+    if run.procs.is_main:
+        atomic_json(summary, os.path.join(run.out_dir, "summary.json"))
+        print(f"done: meta_test {summary['test_acc']:.2f} ± {summary['test_ci']:.2f} (model chosen on meta_val "
+              f"{summary['val_acc']:.2f}); best on test (original protocol) "
+              f"{summary['test_acc_best_on_test (original protocol)']:.2f}; {summary['api_visits']} API visits, "
+              f"{summary['api_queries']} queries, {summary['wall_seconds']:.0f}s -> {run.out_dir}")
     return summary

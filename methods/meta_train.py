@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -32,80 +30,19 @@ from core import dist, run_dir
 from core.config import Config, default_out_dir, visit_cost
 from core.device import pick_device
 from core.errors import FlagError, Interrupted, QueryBudgetExceeded
-from core.io import atomic_json, read_json
+from core.io import read_json
 from core.seeding import forked_rng, seed_torch, task_rng
 
 from . import checkpoint
 from .baselines import RealTasks
 from .diagnostics import log_visit
-from .evaluate import evaluate_all, evaluate_only, headline, load_eval_splits
+from .evaluate import evaluate, evaluate_only, finish, load_eval_splits
 from .kd import kd_task
 from .maml import meta_params, percent, task_loss
 from .meta_gradient import TaskGrads
 from .meta_model import build_meta_model, meta_input
 from .replay import draw_replay
-
-
-@dataclass
-class LoopState:
-    """Everything besides tensors that a resumed run needs to continue exactly."""
-    task: int = 0                   # id of the last finished task
-    visit_next: bool = True         # the first task is an API visit
-    e_count: int = 0                # meta-batches since the best training accuracy (trigger)
-    best_batch_acc: float | None = None
-    api_visits: int = 0
-    api_queries: int = 0            # queries spent (as of the checkpoint)
-    recovery_steps: int = 0         # generator steps of all visits
-    budget_note: bool = False
-    wall_seconds: float = 0.0
-    evals: int = 0
-    best_val: float = -1.0          # model selection on meta_val
-    best_val_ci: float = 0.0
-    best_val_task: int = 0
-    best_val_test: float = -1.0     # meta_test accuracy of that model
-    best_val_test_ci: float = 0.0
-    best_val_res: dict = field(default_factory=dict)
-    best_test: float = -1.0         # the original protocol: best meta_test accuracy seen
-    best_test_ci: float = 0.0
-    best_test_task: int = 0
-    last_res: dict = field(default_factory=dict)
-    train_acc: float = 0.0          # last meta-batch's training accuracy
-
-
-class _Silent:
-    """Stands in for the TensorBoard writer and the metrics log on the processes that write nothing."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
-@dataclass
-class Run:
-    """What a run holds: the settings, where it runs, the meta model, its task sources and its outputs."""
-    cfg: Config
-    procs: dist.Dist
-    device: torch.device
-    ex: accel.TaskExec
-    prep: object
-    splits: list
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    out_dir: str
-    pool: object = None             # the API pool and the task memory (BiDf-MKD), or
-    memory: object = None
-    real: object = None             # the real images (maml_real)
-    meta_generator: object = None
-    state: LoopState = field(default_factory=LoopState)
-    saved_task: int | None = None   # the task of the last checkpoint written
-    metrics: object = field(default_factory=_Silent)
-    tb: object = field(default_factory=_Silent)
-    clock: tuple = (0.0, 0.0)       # (time.time() at start, wall seconds before this process)
-
-    def queries(self) -> int:
-        return self.pool.queries if self.pool is not None else 0
-
-    def wall(self) -> float:
-        return self.clock[1] + time.time() - self.clock[0]
+from .run_state import LoopState, Run
 
 
 def train(cfg: Config) -> dict:
@@ -138,7 +75,7 @@ def train(cfg: Config) -> dict:
         print(f"note: nothing to resume in {run.out_dir}; starting a new run")
     run.state = LoopState(task=cfg.start_id - 1)
     if resume_from:
-        checkpoint.resume(run, resume_from, LoopState)
+        checkpoint.resume(run, resume_from)
         if procs.is_main:
             print(f"resuming {run.out_dir} after task {run.state.task} "
                   f"({run.state.api_visits} API visits, {run.state.api_queries} queries so far)")
@@ -311,63 +248,7 @@ def visit(run: Run, task_id: int, entry, rng) -> tuple:
                  "support": tuple(v.cpu() for v in out.support), "query": tuple(v.cpu() for v in out.query)}
 
 
-def evaluate(run: Run) -> None:
-    """Score meta_val and meta_test; log them; keep the model with the best meta_val accuracy (best.pth)."""
-    cfg, s, t = run.cfg, run.state, time.time()
-    res = evaluate_all(run.model, cfg, run.splits, run.prep, run.device, run.ex, run.procs)
-    s.evals += 1
-    for (split, ds), (acc, ci) in res.items():
-        run.metrics.write({"task": s.task, "meta_iter": s.task // cfg.episode_batch, "split": split, "dataset": ds,
-                           "acc": round(acc, 4), "ci": round(ci, 4), "api_queries": run.queries(),
-                           "api_visits": s.api_visits, "queries_per_visit": round(run.queries() / max(s.api_visits, 1)),
-                           "recovery_steps_per_visit": round(s.recovery_steps / max(s.api_visits, 1), 2),
-                           "wall_seconds": round(run.wall(), 2)})
-        run.tb.add_scalar(f"eval/{split if ds in ('mean', cfg.dataset) else f'{split}/{ds}'}", acc, s.task)
-    (val, val_ci), (test, test_ci) = headline(cfg, res, "meta_val"), headline(cfg, res, "meta_test")
-    s.last_res = {f"{k[0]}/{k[1]}": v for k, v in res.items()}
-    if val > s.best_val:
-        s.best_val, s.best_val_ci, s.best_val_task = val, val_ci, s.task
-        s.best_val_test, s.best_val_test_ci, s.best_val_res = test, test_ci, dict(s.last_res)
-        checkpoint.save_best(run)
-    if test > s.best_test:
-        s.best_test, s.best_test_ci, s.best_test_task = test, test_ci, s.task
-    run.tb.add_scalar("eval/test_acc_best_on_val", s.best_val_test, s.task)
-    run.tb.add_scalar("eval/test_acc_best_on_test (original protocol)", s.best_test, s.task)
-    run.tb.add_scalar("eval/seconds", time.time() - t, s.task)
-    if run.procs.is_main:
-        tqdm.write(f"[task {s.task} | meta-iter {s.task // cfg.episode_batch}] meta_val {val:.2f} ± {val_ci:.2f}  "
-                   f"meta_test {test:.2f} ± {test_ci:.2f}  | best on val: test {s.best_val_test:.2f} (task "
-                   f"{s.best_val_task})  best on test (original protocol): {s.best_test:.2f}  | visits "
-                   f"{s.api_visits} queries {run.queries()}  {run.wall():.0f}s")
-
-
 def stopped(run: Run, why: str) -> Interrupted:
     kept = (f"the checkpoint of task {run.saved_task} in {run.out_dir} is kept: add --resume to continue from it"
             if run.saved_task is not None else "no checkpoint was written yet")
     return Interrupted(f"{why} during task {run.state.task + 1}; {kept}")
-
-
-def finish(run: Run) -> dict:
-    """summary.json (its presence marks a finished run) and the closing line."""
-    s, cfg = run.state, run.cfg
-    last = {tuple(k.split("/", 1)): tuple(v) for k, v in s.last_res.items()}
-    summary = {"test_acc": s.best_val_test, "test_ci": s.best_val_test_ci, "val_acc": s.best_val,
-               "val_ci": s.best_val_ci, "best_task": s.best_val_task,
-               "last_test_acc": headline(cfg, last, "meta_test")[0] if last else None,
-               "test_acc_best_on_test (original protocol)": s.best_test,
-               "test_ci_best_on_test (original protocol)": s.best_test_ci,
-               "best_on_test_task (original protocol)": s.best_test_task,
-               "api_queries": run.queries(), "api_visits": s.api_visits, "tasks": s.task,
-               "tasks_run": s.task - cfg.start_id + 1 if cfg.baseline != "random_init" else 0,
-               "wall_seconds": round(run.wall(), 2), "device": str(run.device), "baseline": cfg.baseline,
-               "processes": run.procs.world}
-    if cfg.mh:
-        summary["per_dataset_best_on_val"] = {k: {"acc": v[0], "ci": v[1]} for k, v in s.best_val_res.items()}
-    run.tb.close()
-    if run.procs.is_main:
-        atomic_json(summary, os.path.join(run.out_dir, "summary.json"))
-        print(f"done: meta_test {summary['test_acc']:.2f} ± {summary['test_ci']:.2f} (model chosen on meta_val "
-              f"{summary['val_acc']:.2f}); best on test (original protocol) "
-              f"{summary['test_acc_best_on_test (original protocol)']:.2f}; {summary['api_visits']} API visits, "
-              f"{summary['api_queries']} queries, {summary['wall_seconds']:.0f}s -> {run.out_dir}")
-    return summary
