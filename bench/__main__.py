@@ -24,12 +24,8 @@ import os
 import sys
 import time
 
-# As scriptskd/env.sh does for every run: idle OpenMP threads wait passively instead of spinning
-# (spinning makes every op crawl on a busy small CPU). Must be set before torch loads OpenMP.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from core.errors import BidfError, FlagError, Interrupted  # noqa: E402
-from core.io import atomic_json  # noqa: E402
+from core.errors import BidfError, FlagError, Interrupted
+from core.io import atomic_json
 
 NAMES = ("zo_step", "kd_task", "replay_batch", "eval_task")
 ALIASES = {"zo": "zo_step", "kd": "kd_task", "replay": "replay_batch", "eval": "eval_task"}

@@ -36,6 +36,7 @@ import time
 
 import torch
 
+import accel
 from bench.measure import MemoryMeter, environment, loadavg, median, repeat, sync
 from bench.suite import Plan, eval_task, replay_batch
 
@@ -113,7 +114,7 @@ def _student(cfg, meta_size: int, device):
     """The boundary term's student: the meta model at its input size, parameters fixed."""
     from methods.kd import bounded_student
     from methods.maml import forward, meta_params
-    from methods.meta_train import MetaInput
+    from methods.meta_model import MetaInput
     from network import build
     torch.manual_seed(0)
     model = build(cfg.backbone, cfg.way_train, channels=3, image_size=meta_size, batch_stats=True,
@@ -127,23 +128,21 @@ def _student(cfg, meta_size: int, device):
 def recovery_steps(cfg, size: int, arch: str, meta_size: int, device, reps: int) -> dict:
     """Seconds of one generator step: support recovery, and query recovery with the boundary term."""
     from bench.zo_step import random_api
-    from core.config import settings
-    from synthesis.recover import ZOConfig, recover
+    from dataclasses import replace
+
+    from synthesis.recover import recover
     api = random_api(arch, cfg.way_pretrain, size, device, 0, white_box=not cfg.ZO)
-    zo = settings(ZOConfig, cfg) if cfg.ZO else None
     gen = torch.Generator(device=device).manual_seed(0)
-    opts = {"zo_space": cfg.zo_space, "inversion_augment": cfg.inversion_augment}
     student = _student(cfg, meta_size, device)
-    tiny = ZOConfig(q=1, mu=cfg.mu, numsplit=1) if cfg.ZO else None     # kernels and allocator, once
-    recover(api, 1, steps=1, zo=tiny, generator=gen, **opts)
-    recover(api, 1, steps=1, zo=tiny, generator=gen, student=student, adv=cfg.adv,
-            boundary_student=cfg.boundary_student, **opts)
+    tiny = replace(cfg, q=1, numsplit=1)        # kernels and allocator, once
+    recover(api, 1, tiny, steps=1, generator=gen)
+    recover(api, 1, tiny, steps=1, generator=gen, student=student, adv=cfg.adv)
+
     def support(steps):
-        return lambda: recover(api, cfg.num_sup_kd, steps=steps, zo=zo, generator=gen, **opts)
+        return lambda: recover(api, cfg.num_sup_kd, cfg, steps=steps, generator=gen)
 
     def query(steps):
-        return lambda: recover(api, cfg.num_qur_kd, steps=steps, zo=zo, generator=gen, student=student,
-                               adv=cfg.adv, boundary_student=cfg.boundary_student, **opts)
+        return lambda: recover(api, cfg.num_qur_kd, cfg, steps=steps, generator=gen, student=student, adv=cfg.adv)
     def timed(fn) -> dict:
         api.timing, api.forward_seconds = True, 0.0
         m = _time(fn, device, reps)
@@ -162,9 +161,8 @@ def recovery_steps(cfg, size: int, arch: str, meta_size: int, device, reps: int)
 
 def adaptation(cfg, meta_size: int, device, reps: int) -> dict:
     """One visit's bi-level part: the inner KL steps on the support set, the outer KL, backward."""
-    from methods.kd import lean_adapt
     from methods.maml import adapt, forward, kl_loss, meta_params
-    from methods.meta_train import MetaInput
+    from methods.meta_model import MetaInput
     from network import build
     torch.manual_seed(0)
     model = build(cfg.backbone, cfg.way_train, channels=3, image_size=meta_size, batch_stats=True,
@@ -179,10 +177,8 @@ def adaptation(cfg, meta_size: int, device, reps: int) -> dict:
 
     def one(n: int | None = None, steps: int = cfg.inner_update_num_kd):
         params = meta_params(model)
-        if cfg.approx:
-            adapted = adapt(model, params, prep(xs[:n]), ps[:n], kl_loss, steps, cfg.inner_lr, True, way=way)
-        else:
-            adapted = lean_adapt(model, params, prep(xs[:n]), ps[:n], steps, cfg.inner_lr, way)
+        adapted = adapt(model, params, prep(xs[:n]), ps[:n], kl_loss, steps, cfg.inner_lr, way=way,
+                        first_order=cfg.approx, recompute=not cfg.approx)     # as methods/kd.py
         kl_loss(forward(model, adapted, prep(xq[:n]), way), pq[:n]).backward()
         model.zero_grad(set_to_none=True)
     one(2 * way, min(1, steps := cfg.inner_update_num_kd))     # kernels and allocator, on a few images
@@ -223,17 +219,17 @@ def estimate(flags: list[str], device, *, visits: str = "bound", quick: bool = F
         arch_factor = api_forward_factors(cfg, geo, device)
     _log("adaptation (inner loop, outer loss, backward)")
     adapt_m = adaptation(cfg, meta, device, reps)
-    _log(f"replay meta-batch ({cfg.episode_batch} x {cfg.way_train}-way {cfg.num_sup_train}-shot)")
-    replay_m = replay_batch(cfg, meta, device, plan, cfg.num_sup_train)
-    _log(f"evaluation task ({cfg.way_test}-way {cfg.num_sup_test}-shot"
-         + (f", and chunks of {cfg.eval_chunk} vmapped)" if cfg.eval_chunk > 1 else ")"))
-    eval_m = eval_task(cfg, meta, device, plan, cfg.num_sup_test,
-                       chunks=(cfg.eval_chunk,) if cfg.eval_chunk > 1 else ())
-    # what the run's flags make main.py run: one task at a time, or vmapped (--replay_vmap, --eval_chunk)
-    replay_run = replay_m["vmap"] if cfg.replay_vmap else replay_m
-    eval_run = eval_m["vmap_chunks"][str(cfg.eval_chunk)] if cfg.eval_chunk > 1 else eval_m
+    # the executor the run's --task_exec makes main.py use here, measured against one task at a time
+    ex = accel.choose(cfg.task_exec, device)
+    seq = ex.kind == "sequential"
+    _log(f"replay meta-batch ({cfg.episode_batch} x {cfg.way_train}-way {cfg.num_sup_train}-shot; {ex})")
+    replay_m = replay_batch(cfg, meta, device, plan, cfg.num_sup_train, None if seq else ex)
+    _log(f"evaluation task ({cfg.way_test}-way {cfg.num_sup_test}-shot; {ex})")
+    eval_m = eval_task(cfg, meta, device, plan, cfg.num_sup_test, others=() if seq else (ex,))
+    replay_run = replay_m if seq else replay_m["other"]
+    eval_run = eval_m if seq else eval_m["others"][str(ex)]
     replay_each = replay_run["seconds"]
-    eval_each = eval_run["vmap_seconds_per_task"] if cfg.eval_chunk > 1 else eval_m["seconds"]
+    eval_each = eval_m["seconds"] if seq else eval_run["seconds_per_task"]
     mbps = write_speed()
 
     # one visit, averaged over the API geometries a visit draws
@@ -309,10 +305,10 @@ def estimate(flags: list[str], device, *, visits: str = "bound", quick: bool = F
         {"stage": "replay", "count": tasks - n_visits, "unit": "tasks",
          "each_s": replay_each / cfg.episode_batch, "hours": replay_s / 3600,
          "basis": f"measured meta-batch of {cfg.episode_batch} tasks ({replay_each:.3f} s"
-                  f"{', vmapped' if cfg.replay_vmap else ''}) x meta-batches of replay tasks"},
+                  f"{'' if seq else f', executor {ex}'}) x meta-batches of replay tasks"},
         {"stage": "evaluation", "count": eval_tasks, "unit": "tasks", "each_s": eval_each,
          "hours": eval_s / 3600,
-         "basis": f"measured task{f' (in vmapped chunks of {cfg.eval_chunk})' if cfg.eval_chunk > 1 else ''} x "
+         "basis": f"measured task{'' if seq else f' (executor {ex})'} x "
                   f"{n_evals} evaluations x {2 * geo['eval_datasets']} splits x {cfg.episode_test} tasks"},
         {"stage": "checkpoints", "count": n_saves, "unit": "saves", "each_s": ckpt_s / max(1, n_saves),
          "hours": ckpt_s / 3600, "basis": f"{ckpt_bytes / 2 ** 30:.3f} GB written (model, Adam state, new memory "
@@ -322,9 +318,10 @@ def estimate(flags: list[str], device, *, visits: str = "bound", quick: bool = F
         "flags": flags, "device": str(device), "environment": environment(device),
         "loadavg": {"start": load0, "end": loadavg()}, "measure_seconds": round(time.perf_counter() - t0, 1),
         "measured": {"recovery_steps": {str(k): v for k, v in steps.items()}, "api_forward_factor": arch_factor,
-                     "adaptation": adapt_m, "replay_batch": {**_pick(replay_m), "vmap": _pick(replay_m["vmap"])},
+                     "adaptation": adapt_m, "executor": str(ex),
+                     "replay_batch": {**_pick(replay_m), "other": _pick(replay_m["other"])},
                      "eval_task": {**_pick(eval_m),
-                                   "vmap_chunks": {c: _pick(v) for c, v in eval_m["vmap_chunks"].items()}},
+                                   "others": {c: _pick(v) for c, v in eval_m["others"].items()}},
                      "write_mb_per_s": round(mbps, 1)},
         "assumptions": {"api_visits": visit_basis, "boundary_visits": v_boundary, "alternatives": alternatives,
                         "memory": f"{geo['classes']} classes x {held:.1f} sets held on average"},
@@ -337,7 +334,7 @@ def estimate(flags: list[str], device, *, visits: str = "bound", quick: bool = F
 
 
 def _pick(m: dict) -> dict:
-    return {k: m[k] for k in ("seconds", "seq_seconds_per_task", "vmap_seconds_per_task", "reps", "peak_mem_mb")
+    return {k: m[k] for k in ("executor", "seconds", "seq_seconds_per_task", "seconds_per_task", "reps", "peak_mem_mb")
             if k in m}
 
 

@@ -5,7 +5,7 @@
 #   2. every benchmark cell on CUDA, as the markdown tables of bench/RESULTS.md
 #   3. one whole API-SS visit at the paper's settings (32x32, 200 generator steps, q 100), not extrapolated
 #   4. the projected cost of a paper API-SS run on this GPU (python -m bench --estimate), as the defaults
-#      run it and with the tasks vmapped (--replay_vmap --eval_chunk 16, faster on a GPU)
+#      run it (--task_exec auto: tasks vmapped in chunks of 16 on a GPU) and one task at a time
 # Outputs go to $GPU_CHECK_OUT (default bench/out/gpu/); each step's log is there too.
 #   bash bench/gpu_check.sh              # on the GPU machine
 #   BIDF_VENV=none bash bench/gpu_check.sh   # with the torch already installed there (no network)
@@ -29,7 +29,7 @@ STEPS=(
   "bench|python -m bench --device cuda --markdown --out $OUT/bench.json"
   "visit|python -m bench --device cuda --only kd --scales paper --sizes 32 --kd_steps 200 --out $OUT/visit.json --markdown"
   "estimate|python -m bench --device cuda --estimate --out $OUT/estimate.json -- --preset paper_ss"
-  "estimate_vmap|python -m bench --device cuda --estimate --out $OUT/estimate_vmap.json -- --preset paper_ss --replay_vmap --eval_chunk 16"
+  "estimate_seq|python -m bench --device cuda --estimate --out $OUT/estimate_seq.json -- --preset paper_ss --task_exec sequential"
 )
 
 if [ "$DRY" = 1 ]; then
@@ -68,4 +68,4 @@ for s in "${STEPS[@]}"; do
   fi
 done
 [ ${#failed[@]} -eq 0 ] || { echo "[gpu_check] failed: ${failed[*]}" >&2; exit 1; }
-echo "[gpu_check] done: tables in $OUT/bench.log and $OUT/visit.log, projections in $OUT/estimate.log and $OUT/estimate_vmap.log"
+echo "[gpu_check] done: tables in $OUT/bench.log and $OUT/visit.log, projections in $OUT/estimate.log and $OUT/estimate_seq.log"

@@ -48,38 +48,53 @@ def main() -> None:
         cfg.pretrained_path_prefix = os.path.join(tmp, "pool")
         cfg.APInum = min(cfg.APInum, 4)
         random_pool(cfg.pretrained_path_prefix, cfg.dataset, cfg.pre_backbone, cfg.way_pretrain, cfg.APInum)
-    from methods.meta_train import Trainer
-    tr = Trainer(cfg)
-    sync = (lambda: torch.cuda.synchronize()) if tr.device.type == "cuda" else (lambda: None)
+    import accel
+    from core.dist import Dist
+    from core.device import pick_device
+    from core.seeding import task_rng
+    from methods.meta_model import build_meta_model, meta_input
+    from methods.meta_train import Run, meta_batch, open_pool, visit as run_visit
+    device = pick_device(cfg.gpu)
+    prep = meta_input(cfg)
+    model = build_meta_model(cfg, prep, device)
+    run = Run(cfg, Dist(), device, accel.choose(cfg.task_exec, device), prep, [], model,
+              torch.optim.Adam(model.parameters(), lr=cfg.outer_lr), cfg.out_dir)
+    open_pool(run)
+    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
 
-    visit, q0 = [], tr.queries()
+    def one_visit(task_id: int) -> None:
+        rng = task_rng(cfg.seed, task_id)
+        out, r = run_visit(run, task_id, run.pool.pick(rng), rng)
+        out.loss.backward()
+        run.memory.add(*r["support"])
+        run.memory.add(*r["query"])
+
+    visits, q0 = [], run.queries()
     for v in range(own.visits):
-        tr.optimizer.zero_grad()
+        run.optimizer.zero_grad()
         sync(); t = time.time()
-        loss, _ = tr.visit_api(v + 1)
-        loss.backward()
-        tr.optimizer.step()
-        sync(); visit.append(time.time() - t)
-    per_visit = (tr.queries() - q0) // max(1, len(visit))
+        one_visit(v + 1)
+        run.optimizer.step()
+        sync(); visits.append(time.time() - t)
+    per_visit = (run.queries() - q0) // max(1, len(visits))
     fill = own.visits
-    while tr.memory is not None and not tr.memory.can_sample(cfg.way_train, cfg.num_sup_train, cfg.num_qur_train):
+    while not run.memory.can_sample(cfg.way_train, cfg.num_sup_train, cfg.num_qur_train):
         fill += 1          # each task id draws its own API
-        tr.visit_api(fill)    # fill the memory (not timed)
+        one_visit(fill)    # fill the memory (not timed)
+    run.state.visit_next = False
     batch, task_id = [], fill
     for _ in range(own.batches):
-        tr.optimizer.zero_grad()
+        run.optimizer.zero_grad()
         sync(); t = time.time()
-        for _ in range(cfg.episode_batch):
-            task_id += 1
-            loss, _ = tr.replay(task_id)
-            loss.backward()
-        tr.optimizer.step()
+        meta_batch(run, list(range(task_id + 1, task_id + cfg.episode_batch + 1)))
+        task_id += cfg.episode_batch
+        run.optimizer.step()
         sync(); batch.append(time.time() - t)
     med = lambda xs: sorted(xs)[len(xs) // 2]   # noqa: E731
-    print(f"device {tr.device}, threads {torch.get_num_threads()}, dataset {cfg.dataset}, "
+    print(f"device {device}, executor {run.ex}, threads {torch.get_num_threads()}, dataset {cfg.dataset}, "
           f"{'ZO q=%d' % cfg.q if cfg.ZO else 'white-box'}, generate_iterations {cfg.generate_iterations}, "
           f"kd {cfg.num_sup_kd}+{cfg.num_qur_kd}/class, {'first' if cfg.approx else 'second'} order")
-    print(f"API visit: median {med(visit):.2f} s over {len(visit)} ({per_visit} queries each)")
+    print(f"API visit: median {med(visits):.2f} s over {len(visits)} ({per_visit} queries each)")
     print(f"replay meta-batch ({cfg.episode_batch} tasks, {cfg.way_train}-way {cfg.num_sup_train}-shot "
           f"{cfg.num_qur_train} queries, {cfg.inner_update_num} steps): median {med(batch):.3f} s over {len(batch)}")
 

@@ -4,14 +4,16 @@ changes the bench too.
 """
 from __future__ import annotations
 
-# The Config fields each measurement depends on (what makes two scales the same measurement).
-FIELDS = {
-    "zo_step": ("way_pretrain", "num_sup_kd", "num_qur_kd", "q", "mu", "numsplit"),
-    "kd_task": ("way_pretrain", "way_train", "num_sup_kd", "num_qur_kd", "inner_update_num_kd", "inner_lr",
-                "approx", "generate_iterations", "Glr", "q", "mu", "numsplit", "adv"),
-    "replay_batch": ("way_train", "num_qur_train", "inner_update_num", "inner_lr", "approx", "episode_batch",
-                     "outer_lr", "replay_augment"),
-    "eval_task": ("way_test", "num_qur_test", "test_inner_update_num", "inner_lr"),
+from core.config import FIELDS
+
+# The flag groups of core/config.py each measurement reads its settings from: two scales whose settings
+# agree on them give the same measurement (measured once, reported for both).
+GROUPS = {
+    "zo_step": ("bi-level meta knowledge distillation", "API pool and data recovery", "zero-order optimisation"),
+    "kd_task": ("tasks (memory replay and evaluation)", "bi-level meta knowledge distillation",
+                "API pool and data recovery", "zero-order optimisation"),
+    "replay_batch": ("tasks (memory replay and evaluation)",),
+    "eval_task": ("tasks (memory replay and evaluation)",),
 }
 PRESETS = {"paper": "paper_ss", "demo": "demo"}
 
@@ -27,4 +29,4 @@ def load_scales() -> dict:
 
 
 def settings_of(cfg, measurement: str) -> dict:
-    return {k: getattr(cfg, k) for k in FIELDS[measurement]}
+    return {k: getattr(cfg, k) for k, f in FIELDS.items() if f.metadata["group"] in GROUPS[measurement]}

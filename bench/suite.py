@@ -11,22 +11,24 @@ batch-norm statistics (bench/zo_step.random_api), the meta model a conv4 with ba
                   (KL, inner_update_num_kd second-order steps), recover the query set with the
                   boundary term, outer KL, backward; run with few generator steps, the recovery's
                   per-step time extrapolated to generate_iterations
-    replay_batch  one meta-batch of episode_batch replay tasks (methods.replay.replay_task), backward
-                  of each task, one Adam step; and the same meta-batch vmapped (replay_tasks, one
+    replay_batch  one meta-batch of episode_batch replay tasks (methods.maml.task_loss) run one at a time
+                  (executor sequential), one Adam step; and the same meta-batch vmapped (or another executor,
                   backward), timed back to back in each repetition
-    eval_task     one test task (methods.maml.accuracy_after_adapt): test_inner_update_num steps on
-                  the support set without a graph, query accuracy; and chunks of EVAL_CHUNKS tasks
-                  one at a time against one vmapped computation (accuracies_vmapped), back to back
+    eval_task     one test task (methods.maml.task_hits): test_inner_update_num steps on the support
+                  set without a graph, query accuracy; and chunks of EVAL_CHUNKS tasks one at a time
+                  against one vmapped computation (or other executors), back to back
 """
 from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+import accel
+from accel import TaskExec
 from bench.measure import MemoryMeter, loadavg, median, repeat, sync
 from dataset import Task
 from network import build
@@ -49,7 +51,7 @@ def _api(cfg, size: int, device: torch.device, seed: int = 0):
 
 
 def _meta_model(cfg, way: int, size: int, device: torch.device):
-    from methods.meta_train import MetaInput
+    from methods.meta_model import MetaInput
     torch.manual_seed(0)
     model = build(cfg.backbone, way, channels=3, image_size=size, batch_stats=True).to(device)
     prep = MetaInput(size, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -65,21 +67,20 @@ def _summary(recs: list[dict], device: torch.device) -> dict:
 # ---------------------------------------------------------------- 1. zero-order synthesis step
 
 def zo_step(cfg, size: int, device: torch.device, plan: Plan) -> dict:
-    from core.config import settings
-    from synthesis.recover import ZOConfig, recover
+    from synthesis.recover import recover
     api = _api(cfg, size, device)
     per_class = max(cfg.num_sup_kd, cfg.num_qur_kd)    # the larger of a visit's two recoveries
     gen = torch.Generator(device=device).manual_seed(0)
+    zo = replace(cfg, ZO=True)
     if plan.warmup:     # kernels and allocator; on the CPU at a small geometry (a full step can take a minute)
         small = device.type == "cpu"
-        recover(api, min(2, per_class) if small else per_class, steps=1, generator=gen,
-                zo=ZOConfig(q=min(cfg.q, cfg.numsplit) if small else cfg.q, mu=cfg.mu, numsplit=cfg.numsplit))
-    zo = settings(ZOConfig, cfg)
+        recover(api, min(2, per_class) if small else per_class, replace(zo, q=min(cfg.q, cfg.numsplit)) if small
+                else zo, steps=1, generator=gen)
     api.timing = True
 
     def step():
         q0, api.forward_seconds = api.queries, 0.0
-        recover(api, per_class, steps=1, zo=zo, generator=gen)
+        recover(api, per_class, zo, steps=1, generator=gen)
         return {"images": api.queries - q0, "api_s": api.forward_seconds}
 
     with MemoryMeter(device) as mem:
@@ -116,20 +117,16 @@ def _timed_recover(device: torch.device, log: list):
 
 
 def kd_task(cfg, size: int, device: torch.device, plan: Plan) -> dict:
-    from core.config import settings
-    from methods.kd import KDSettings, kd_task as run_kd
+    from methods.kd import kd_task as run_kd
     from methods.maml import meta_params
-    from synthesis.recover import ZOConfig
     api = _api(cfg, size, device)
     model, prep = _meta_model(cfg, cfg.way_train, size, device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.outer_lr)
     steps = min(plan.kd_steps, cfg.generate_iterations)
-    zo = settings(ZOConfig, cfg)
-    s = settings(KDSettings, cfg, generate_iterations=steps, zo=zo)
+    s = replace(cfg, ZO=True, generate_iterations=steps, meta_generator=False)
     gen = torch.Generator(device=device).manual_seed(0)
     if plan.warmup:     # every code path once, at a tiny geometry
-        tiny = settings(KDSettings, cfg, num_sup_kd=2, num_qur_kd=2, inner_update_num_kd=1, generate_iterations=1,
-                        zo=ZOConfig(q=1, mu=cfg.mu, numsplit=1))
+        tiny = replace(s, num_sup_kd=2, num_qur_kd=2, inner_update_num_kd=1, generate_iterations=1, q=1, numsplit=1)
         run_kd(model, meta_params(model), api, tiny, prep, boundary=True, generator=gen).loss.backward()
     api.timing = True
 
@@ -204,84 +201,95 @@ def _peak(fn, device: torch.device) -> dict:
     return mem.result()
 
 
-def replay_batch(cfg, size: int, device: torch.device, plan: Plan, shot: int) -> dict:
-    """The sequential meta-batch (what main.py runs by default) and the vmapped one (--replay_vmap),
-    timed back to back in each repetition."""
-    from methods.maml import meta_params
-    from methods.replay import augmented, replay_task, replay_tasks
+def replay_batch(cfg, size: int, device: torch.device, plan: Plan, shot: int, other: TaskExec | None = None) -> dict:
+    """One meta-batch of replay tasks, one at a time (executor sequential) and with `other` (default: the
+    batch vmapped), timed back to back in each repetition; gradient, then an Adam step."""
+    from methods.maml import meta_params, task_loss
+    from methods.replay import augmented
+    other = other or TaskExec("vmap", cfg.episode_batch)
     model, prep = _meta_model(cfg, cfg.way_train, size, device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.outer_lr)
     tasks = [synthetic_task(cfg.way_train, shot, cfg.num_qur_train, size, device, i)
              for i in range(cfg.episode_batch)]
-    kw = dict(steps=cfg.inner_update_num, lr=cfg.inner_lr, first_order=cfg.approx, prep=prep, way=cfg.way_train)
+    kw = dict(steps=cfg.inner_update_num, lr=cfg.inner_lr, way=cfg.way_train, first_order=cfg.approx)
 
-    def batch(n: int = cfg.episode_batch):
+    def batch(ex: TaskExec, n: int = cfg.episode_batch):
         opt.zero_grad(set_to_none=True)
-        for t in tasks[:n]:
-            loss, _ = replay_task(model, meta_params(model), t, augment=cfg.replay_augment, **kw)
-            loss.backward()
+        items = [(prep(t.support_x), t.support_y, prep(t.query_x), t.query_y)
+                 for t in (augmented(t) if cfg.replay_augment else t for t in tasks[:n])]
+        params = meta_params(model)
+        for p, g in zip(params.values(), _summed(accel.grad_tasks(ex, model, lambda m, q, *t: task_loss(m, q, *t, **kw),
+                                                                  params, items))):
+            p.grad = g
         opt.step()
 
-    def batch_vmap(n: int = cfg.episode_batch):
-        opt.zero_grad(set_to_none=True)
-        drawn = [augmented(t) if cfg.replay_augment else t for t in tasks[:n]]
-        losses, _ = replay_tasks(model, meta_params(model), drawn, **kw)
-        losses.sum().backward()
-        opt.step()
-
+    seq = TaskExec("sequential")
     if plan.warmup:
-        batch(1)
-        batch_vmap(2)
-    mem, mem_vmap = _peak(batch, device), _peak(batch_vmap, device)
-    recs = _paired(batch, batch_vmap, device, plan)
-    seq, vm = median(recs, "a"), median(recs, "b")
-    out = {"reps": len(recs), "seconds": round(seq, 4), "seconds_all": [round(r["a"], 4) for r in recs],
+        batch(seq, 1)
+        batch(other, 2)
+    mem, mem_other = _peak(lambda: batch(seq), device), _peak(lambda: batch(other), device)
+    recs = _paired(lambda: batch(seq), lambda: batch(other), device, plan)
+    a, b = median(recs, "a"), median(recs, "b")
+    out = {"reps": len(recs), "seconds": round(a, 4), "seconds_all": [round(r["a"], 4) for r in recs],
            "cpu_seconds": None}
-    out.update(shot=shot, tasks_per_s=round(cfg.episode_batch / seq, 2), second_order=not cfg.approx, **mem,
-               vmap={"seconds": round(vm, 4), "seconds_all": [round(r["b"], 4) for r in recs],
-                     "speedup": round(seq / vm, 3),
-                     "speedups_all": [round(r["a"] / r["b"], 3) for r in recs], **mem_vmap})
+    out.update(shot=shot, tasks_per_s=round(cfg.episode_batch / a, 2), second_order=not cfg.approx, **mem,
+               other={"executor": str(other), "seconds": round(b, 4), "seconds_all": [round(r["b"], 4) for r in recs],
+                      "speedup": round(a / b, 3), "speedups_all": [round(r["a"] / r["b"], 3) for r in recs],
+                      **mem_other})
     return out
+
+
+def _summed(out: list) -> list:
+    """Σ over tasks of the gradients accel.grad_tasks returned (None rows: nothing)."""
+    total = None
+    for _, grads in out:
+        if grads is not None:
+            total = list(grads) if total is None else [t + g for t, g in zip(total, grads)]
+    return total
 
 
 EVAL_CHUNKS = (4, 16)       # tasks per vmapped chunk measured against the one-task path
 
 
-def eval_task(cfg, size: int, device: torch.device, plan: Plan, shot: int, chunks=EVAL_CHUNKS) -> dict:
-    """One test task on the one-task path (main.py's default), then, for each chunk size, the same
-    tasks one at a time and as one vmapped chunk (--eval_chunk), back to back in each repetition."""
-    from methods.maml import accuracies_vmapped, accuracy_after_adapt, meta_params
+def eval_task(cfg, size: int, device: torch.device, plan: Plan, shot: int, others=None) -> dict:
+    """One test task on the one-task path (executor sequential), then, for each executor of `others`
+    (default: vmapped chunks of EVAL_CHUNKS tasks), as many tasks one at a time and with it, back to back in
+    each repetition."""
+    from methods.maml import meta_params, task_hits
     model, prep = _meta_model(cfg, cfg.way_test, size, device)
-    params = meta_params(model)
-    tasks = [synthetic_task(cfg.way_test, shot, cfg.num_qur_test, size, device, i) for i in range(max((4, *chunks)))]
+    params = {k: v.detach() for k, v in meta_params(model).items()}
+    others = [TaskExec("vmap", c) for c in EVAL_CHUNKS] if others is None else others
+    n = max((4, *(o.width for o in others)))
+    tasks = [synthetic_task(cfg.way_test, shot, cfg.num_qur_test, size, device, i) for i in range(n)]
+    items = [(prep(t.support_x), t.support_y, prep(t.query_x), t.query_y) for t in tasks]
+    fn = lambda m, *t: task_hits(m, params, *t, steps=cfg.test_inner_update_num, lr=cfg.inner_lr,  # noqa: E731
+                                 way=cfg.way_test)
+    run = lambda ex, group: accel.map_tasks(ex, model, fn, group)     # noqa: E731
+    seq = TaskExec("sequential")
     i = iter(range(10 ** 9))
-    args = (cfg.test_inner_update_num, cfg.inner_lr, prep, cfg.way_test)
 
     def one():
-        accuracy_after_adapt(model, params, tasks[next(i) % 4], *args)
+        run(seq, [items[next(i) % 4]])
 
     if plan.warmup:
         one()
-        accuracies_vmapped(model, params, tasks[:2], *args)
+        for o in others:
+            run(o, items[:2])
     with MemoryMeter(device) as mem:
         recs = repeat(one, device, min_reps=plan.min_reps, max_reps=3 * plan.max_reps, budget_s=plan.budget_s / 2)
     out = _summary(recs, device)
     out.update(shot=shot, tasks_per_s=round(1 / out["seconds"], 2),
                seconds_600_tasks=round(600 * out["seconds"], 1), **mem.result())
     measured = {}
-    for c in chunks:
-        group = tasks[:c]
-        seq = lambda: [accuracy_after_adapt(model, params, t, *args) for t in group]     # noqa: E731
-        vm = lambda: accuracies_vmapped(model, params, group, *args)                       # noqa: E731
-        m = _peak(vm, device)
-        pr = _paired(seq, vm, device, plan)
-        a, b = median(pr, "a") / c, median(pr, "b") / c
-        measured[str(c)] = {"reps": len(pr), "seq_seconds_per_task": round(a, 4),
-                            "vmap_seconds_per_task": round(b, 4), "speedup": round(a / b, 3),
-                            "speedups_all": [round(r["a"] / r["b"], 3) for r in pr],
-                            "seconds_600_tasks_seq": round(600 * a, 1), "seconds_600_tasks_vmap": round(600 * b, 1),
-                            **m}
-    out["vmap_chunks"] = measured
+    for o in others:
+        group = items[:max(o.width, 4)]
+        m = _peak(lambda: run(o, group), device)
+        pr = _paired(lambda: run(seq, group), lambda: run(o, group), device, plan)
+        a, b = median(pr, "a") / len(group), median(pr, "b") / len(group)
+        measured[str(o)] = {"reps": len(pr), "seq_seconds_per_task": round(a, 4), "seconds_per_task": round(b, 4),
+                            "speedup": round(a / b, 3), "speedups_all": [round(r["a"] / r["b"], 3) for r in pr],
+                            "seconds_600_tasks_seq": round(600 * a, 1), "seconds_600_tasks": round(600 * b, 1), **m}
+    out["others"] = measured
     return out
 
 

@@ -28,19 +28,20 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Sleeping, not spinning, OpenMP workers (before torch loads its runtime). On the shared 2-core machine a
-# spinning 2-thread run measured 6x slower (1,089 vs 6,009 images/s); set OMP_WAIT_POLICY to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from accel.process import setup_process  # noqa: E402
+
+setup_process()     # passive OpenMP waiting and glibc's malloc, before torch loads (as every entry point)
 
 import torch  # noqa: E402
 
+import accel  # noqa: E402
+from accel.lanes import ZO_LANES  # noqa: E402
 import network  # noqa: E402
-from core.allocator import keep_freed_memory  # noqa: E402
+from core.config import Config  # noqa: E402
 from core.errors import BidfError  # noqa: E402
 from dataset.specs import get_spec  # noqa: E402
 from synthesis.api import BlackBoxAPI  # noqa: E402
-from synthesis.recover import ZOConfig, recover  # noqa: E402
-from synthesis.zo import LANES  # noqa: E402
+from synthesis.recover import recover  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -79,8 +80,8 @@ def main(argv=None) -> dict:
     p.add_argument("--plain_api", action="store_true",
                    help="no batch-norm folding, NCHW, no micro-batches, and each chunk of directions in one "
                         "piece, one after another (what an unoptimised wrapper and loop do)")
-    p.add_argument("--lanes", type=int, default=LANES,
-                   help="blocks per chunk of directions, run at once in threads (synthesis/zo.py; 1: in turn)")
+    p.add_argument("--lanes", type=int, default=ZO_LANES,
+                   help="blocks per chunk of directions, run at once in threads (accel/lanes.py; 1: in turn)")
     p.add_argument("--no_mkldnn", action="store_true", help="dense channels-last forward instead of oneDNN tensors")
     p.add_argument("--micro_batch", type=int, default=-1, help="images per API forward (-1: default)")
     p.add_argument("--pool", default=None, help="benchmark a pretrained API: pool prefix")
@@ -88,7 +89,6 @@ def main(argv=None) -> dict:
     p.add_argument("--api", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    keep_freed_memory()
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
@@ -104,22 +104,23 @@ def main(argv=None) -> dict:
             raise BidfError(f"no API {a.api} in {pool_dir(a.pool, a.dataset, a.arch, a.way)}")
         api = load_api(files[a.api], device, compile=a.compile, expect={"dataset": a.dataset, "arch": a.arch})
     else:
-        api = random_api(a.arch, a.way, a.image_size, device, a.seed, compile=a.compile, **fast)
+        api = random_api(a.arch, a.way, a.image_size, device, a.seed, speed={**fast, "compile": a.compile})
     build_s = time.perf_counter() - t_build
     lanes = 1 if a.plain_api else a.lanes
-    zo = ZOConfig(q=a.q, mu=a.mu, numsplit=a.numsplit, lanes=lanes)
+    cfg = Config(ZO=True, q=a.q, mu=a.mu, numsplit=a.numsplit)
     gen = torch.Generator(device=device).manual_seed(a.seed)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss0 = rss_mb()
-    if a.warmup:
-        recover(api, a.per_class, steps=a.warmup, zo=zo, generator=gen)
-    api.timing = True
-    q0, api.forward_seconds = api.queries, 0.0
-    concurrent = min(lanes, torch.get_num_threads()) if device.type == "cpu" else 1
-    t0, c0 = time.perf_counter(), time.process_time()
-    recover(api, a.per_class, steps=a.steps, zo=zo, generator=gen)
+    with accel.zo_lanes(lanes):
+        if a.warmup:
+            recover(api, a.per_class, cfg, steps=a.warmup, generator=gen)
+        api.timing = True
+        q0, api.forward_seconds = api.queries, 0.0
+        concurrent = min(lanes, torch.get_num_threads()) if device.type == "cpu" else 1
+        t0, c0 = time.perf_counter(), time.process_time()
+        recover(api, a.per_class, cfg, steps=a.steps, generator=gen)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0

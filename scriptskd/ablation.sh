@@ -4,4 +4,4 @@
 #   bash scriptskd/ablation.sh [--rows faithful,init_torch] [--jobs 2] [--out runs/ablation]
 set -eo pipefail
 . "$(dirname "$0")/env.sh"
-exec python -m bench.ablation "$@"
+exec python -m experiments.ablation "$@"

@@ -28,7 +28,8 @@ rm -rf "$OUT/.queue" "$OUT"/.failed_*; mkdir -p "$OUT/.queue"   # the evaluation
 echo "[demo] run directory: $OUT"
 # One thread per process: small-batch meta-learning runs faster that way (bench/RESULTS.md). The API
 # visits' large batches do scale, so BiDf-MKD gives them both threads (--visit_threads 2), and its replay
-# tasks and evaluations two lanes (two tasks at once, one thread each: the same numbers, bit for bit).
+# tasks and evaluations two lanes (--task_exec lanes:2: two tasks at once, one thread each: the same
+# numbers, bit for bit).
 export OMP_NUM_THREADS=1
 
 T0=$SECONDS
@@ -47,7 +48,7 @@ model_ready() {   # model_ready METHOD: 0 once trained, 1 while training, 2 if i
   return 1
 }
 take_evaluations() {   # run queued evaluations until none is left to claim
-  local job method shot rc lanes
+  local job method shot rc exec
   for job in "${EVAL_JOBS[@]}"; do
     mkdir "$OUT/.queue/$job" 2>/dev/null || continue      # claimed by the other worker
     method=${job%:*}; shot=${job#*:}
@@ -55,9 +56,9 @@ take_evaluations() {   # run queued evaluations until none is left to claim
     [ "$rc" = 2 ] && continue
     # BiDf-MKD's two evaluations come last, with nothing left for the other worker to run: two lanes
     # each (two tasks at once, one thread per lane: the same accuracies) keep both cores busy to the end.
-    lanes=1; [ "$method" = bidf_mkd ] && lanes=2
+    exec=sequential; [ "$method" = bidf_mkd ] && exec=lanes:2
     python main.py --preset demo "${RECIPE[@]}" --evaluate "$(checkpoint "$method")" --num_sup_test "$shot" \
-      --episode_test "$TEST_TASKS" --eval_lanes "$lanes" --out_dir "$OUT/eval/${method}_${shot}shot" --resume \
+      --episode_test "$TEST_TASKS" --task_exec "$exec" --out_dir "$OUT/eval/${method}_${shot}shot" --resume \
       > "$OUT/eval/${method}_${shot}shot.log" 2>&1 \
       || { touch "$OUT/.failed_evaluation_${method}_${shot}shot"; continue; }
     grep -h "^done:" "$OUT/eval/${method}_${shot}shot.log" || true
@@ -78,7 +79,7 @@ echo "[demo] == pretrain (beside it: MAML on real images; log: $OUT/baselines.lo
 python pretrain.py --preset demo "${API_EPOCHS[@]}" ${DEMO_APIS:+--APInum "$DEMO_APIS"} || touch "$OUT/.failed_bidf_mkd"
 seconds pretrain
 echo "[demo] == bidf_mkd"
-[ -f "$OUT/.failed_bidf_mkd" ] || train bidf_mkd --visit_threads 2 --replay_lanes 2 --eval_lanes 2 || true
+[ -f "$OUT/.failed_bidf_mkd" ] || train bidf_mkd --visit_threads 2 --task_exec lanes:2 || true
 echo "[demo] == evaluations (600 tasks per row; logs: $OUT/eval/)"
 take_evaluations
 wait "$worker2" || true

@@ -6,4 +6,4 @@
 #   bash scriptskd/queries.sh [--demo_dir runs/demo-...] [--rows paper_full,mg_1_10] [--out runs/queries]
 set -eo pipefail
 . "$(dirname "$0")/env.sh"
-exec python -m bench.queries "$@"
+exec python -m experiments.queries "$@"

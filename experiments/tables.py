@@ -1,8 +1,8 @@
 """The accuracy and timing tables of README.md, docs/*.md and bench/RESULTS.md, generated from results/.
 
-    python -m reporting.tables            rewrite every generated block from the files in results/
-    python -m reporting.tables --check    change nothing; exit 1 naming each block that differs
-    python -m reporting.tables --import-demo RUN_DIR --recipe faithful --machine "..."
+    python -m experiments.tables            rewrite every generated block from the files in results/
+    python -m experiments.tables --check    change nothing; exit 1 naming each block that differs
+    python -m experiments.tables --import-demo RUN_DIR --recipe faithful --machine "..."
                                           a finished demo run (its results.json, written by
                                           `python -m reporting RUN_DIR`) into results/demo.json, then rewrite
 
@@ -13,7 +13,7 @@ and their provenance only; what is derived from them (the gap closed, whether tw
 apart, differences and ratios) is computed here. The check also flags any "acc ± ci" figure in the
 pages that no result file holds, so a number typed by hand cannot drift from its run.
 
-Standard library only: the tests run the check in-process, and it must not load torch.
+Standard library only: it must not load torch (the tests run it as a command).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = "results"
-FIX = "python -m reporting.tables"
+FIX = "python -m experiments.tables"
 
 OPEN = re.compile(r"<!-- (table|text): ([A-Za-z0-9_.-]+) -->")
 FIGURE = re.compile(r"(?<![\d.])(\d+\.\d+) ± (\d+\.\d+)")
@@ -416,7 +416,7 @@ def render(text: str, R: dict, page: str = "") -> tuple[str, list[tuple[str, str
         if end < 0:
             raise MarkerError(f"{page}: {m.group(0)} has no {close}")
         if name not in GENERATORS:
-            raise MarkerError(f"{page}: {m.group(0)}: no generator named {name!r} in reporting/tables.py")
+            raise MarkerError(f"{page}: {m.group(0)}: no generator named {name!r} in experiments/tables.py")
         line_start = m.start() == 0 or text[m.start() - 1] == "\n"
         block = line_start and text.startswith("\n", m.end())
         if line_start and not block:

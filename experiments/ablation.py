@@ -1,8 +1,8 @@
 """The ablation of the method's choices on the demo: the faithful default, each variant alone, all the
 project's earlier variants together, and the improved recipe.
 
-    python -m bench.ablation                       # every row (bash scriptskd/ablation.sh does this)
-    python -m bench.ablation --rows faithful,init_torch --jobs 2 --out runs/ablation
+    python -m experiments.ablation                       # every row (bash scriptskd/ablation.sh does this)
+    python -m experiments.ablation --rows faithful,init_torch --jobs 2 --out runs/ablation
 
 Each row is `main.py --preset demo <its flags>` (400 tasks, model chosen on meta_val), then a 600-task
 5-way 1-shot meta-test evaluation of its best.pth. Rows run side by side, one thread each (`--jobs`,
@@ -103,7 +103,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="python -m bench.ablation", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.ablation", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--data_root", default="./DFL2Ldata")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
@@ -131,7 +131,7 @@ def main(argv=None) -> list[dict]:
             print(f"[ablation] {r}: {results[r]['acc']:.2f} ± {results[r]['ci']:.2f}", flush=True)
     table = [results[r] for r in rows]
     meta = {"date": time.strftime("%Y-%m-%d"), "processor": processor(), "jobs": a.jobs, "test_tasks": a.test_tasks,
-            "command": "python -m bench.ablation" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()}
+            "command": "python -m experiments.ablation" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()}
     from core.io import atomic_json, atomic_text
     atomic_json({"rows": table, **meta}, os.path.join(out, "ablation.json"))
     atomic_text(markdown(table, meta), os.path.join(out, "ablation.md"))

@@ -1,8 +1,8 @@
 """Meta-test accuracy against API queries on the demo: the paper's recovery and --meta_generator at
 several query budgets.
 
-    python -m bench.queries                              # every row (bash scriptskd/queries.sh does this)
-    python -m bench.queries --rows paper_full,mg_1_10 --demo_dir runs/demo-... --out runs/queries
+    python -m experiments.queries                              # every row (bash scriptskd/queries.sh does this)
+    python -m experiments.queries --rows paper_full,mg_1_10 --demo_dir runs/demo-... --out runs/queries
 
 Each row is `main.py --preset demo <its flags> --query_budget <its share of the full run's queries>`
 (400 tasks, seed 2022, model chosen on meta_val), then a 600-task 5-way 1-shot meta-test evaluation of
@@ -25,7 +25,7 @@ from fractions import Fraction
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.ablation import _run, processor  # noqa: E402
+from experiments.ablation import _run, processor  # noqa: E402
 
 PAPER, META = "paper recovery (fresh generator, 40 steps)", "meta-generator (--meta_generator)"
 ONE_VISIT = "one visit"     # a budget of exactly one API visit of the row's flags (core.config.visit_cost)
@@ -133,7 +133,7 @@ def _commit() -> str:
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="python -m bench.queries", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.queries", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/queries")
     p.add_argument("--data_root", default="./DFL2Ldata")
     p.add_argument("--pool", default="./pretrained_blackbox", help="--pretrained_path_prefix of the demo pool "
@@ -165,7 +165,7 @@ def main(argv=None) -> list[dict]:
     lines = baselines(out, data_root, a.demo_dir, a.test_tasks)
     meta = {"date": time.strftime("%Y-%m-%d"), "processor": processor(), "test_tasks": a.test_tasks,
             "commit": _commit(),
-            "command": "python -m bench.queries" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()}
+            "command": "python -m experiments.queries" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()}
     from core.io import atomic_json, atomic_text
     from reporting.figures import accuracy_vs_queries
     atomic_json({"rows": table, "baselines": {k: {"acc": v[0], "ci": v[1]} for k, v in lines.items()}, **meta},

@@ -1,6 +1,6 @@
 """How hard is the demo dataset? Few-shot accuracy on meta_test without and with transferred features.
 
-    python bench/demo_difficulty.py [--data_root ./DFL2Ldata] [--tasks 200] [--epochs 10]
+    python -m experiments.difficulty [--data_root ./DFL2Ldata] [--tasks 200] [--epochs 10]
 
 Prints 5-way accuracy (mean +- 95% CI over fixed tasks, 15 queries per class) of:
   - nearest centroid on raw pixels (1/5-shot);
