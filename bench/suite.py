@@ -117,6 +117,7 @@ def _timed_recover(device: torch.device, log: list):
 
 
 def kd_task(cfg, size: int, device: torch.device, plan: Plan) -> dict:
+    from core.config import visit_cost
     from methods.kd import kd_task as run_kd
     from methods.maml import meta_params
     api = _api(cfg, size, device)
@@ -152,15 +153,13 @@ def kd_task(cfg, size: int, device: torch.device, plan: Plan) -> dict:
     sup, qur = median(recs, "support_s") / steps, median(recs, "query_s") / steps
     rest = median(recs, "adapt_outer_s") + median(recs, "backward_s")
     full = cfg.generate_iterations
-    b_s, b_q = cfg.way_pretrain * cfg.num_sup_kd, cfg.way_pretrain * cfg.num_qur_kd
-    per_step = cfg.q + 1
     out.update(generator_steps_run=steps, generate_iterations=full,
                support_s_per_step=round(sup, 4), query_s_per_step=round(qur, 4),
                adapt_outer_forward_s=round(median(recs, "adapt_outer_s"), 4),
                backward_s=round(median(recs, "backward_s"), 4),
                api_forward_share=round(float(np.median([r["api_s"] / r["wall"] for r in recs])), 3),
                queries_measured=recs[0]["queries"],
-               queries_per_visit=b_s * (full * per_step + 1) + b_q * (full * per_step + 1),
+               queries_per_visit=visit_cost(replace(s, generate_iterations=full)),
                extrapolated=steps < full,
                visit_seconds_extrapolated=round((sup + qur) * full + rest, 2),
                boundary=True, **mem.result())

@@ -32,7 +32,8 @@ def _opt(group: str):
     """A Config field of one flag group. Metadata: low (at least; an int setting is at least 1 unless its
     field says otherwise, None: any), above (more than), high (at most), choices (one of): checked by
     check_values; runtime=True: a --resume may change it (the results stay the same); entry: the other
-    entry points that take it ("pretrain", "synthesis")."""
+    entry points that take it ("pretrain", "synthesis"); pool_file: an API file records it and a pool never
+    mixes files that differ in it ({"before": what files written before the setting existed used})."""
     def make(default, help: str, **meta):
         return field(default=default, metadata={"help": help, "group": group, **meta})
     return make
@@ -85,7 +86,7 @@ class Config:
     num_qur_test: int = _task(15, "query images per class (test)")
     backbone: str = _task("conv4", "the meta model: conv4 | resnet10 | resnet18 | resnet34 | resnet50 | resnet101")
     init: str = _task("original", "meta-model (and API) init: original (its init_layer) | torch (PyTorch's)",
-                      choices=("original", "torch"), entry=P)
+                      choices=("original", "torch"), entry=P, pool_file={"before": "torch"})
     episode_train: int = _task(240000, "meta-training tasks in total (API visits + replay tasks)")
     episode_test: int = _task(600, "evaluation tasks per split")
     start_id: int = _task(1, "id of the first task (tasks start_id..episode_train run)")
@@ -139,8 +140,10 @@ class Config:
     batch_size: int = _api(128, "images per pretraining step", low=2)
     lr: float | None = _api(None, "pretraining learning rate (default 0.01: Adam for conv4, SGD for the resnets)")
     workers: int = _api(0, "threads decoding images", low=0)
-    api_augment: bool = _api(False, "crop/flip while pretraining an API (the original uses plain images)")
-    api_patience: int = _api(60, "early stop: epochs without a better validation accuracy (the original's)")
+    api_augment: bool = _api(False, "crop/flip while pretraining an API (the original uses plain images)",
+                             pool_file={"before": True})
+    api_patience: int = _api(60, "early stop: epochs without a better validation accuracy (the original's)",
+                             pool_file={"before": None})
     tensorboard: bool = _api(True, "write TensorBoard curves of pretraining (<pool dir>/tensorboard/api_<i>)")
 
     def __post_init__(self):

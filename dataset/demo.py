@@ -38,7 +38,7 @@ from .specs import SPECS, SPLITS
 
 VERSION = 2                     # bump when the rendering changes: old folders are regenerated
 DEFAULT_IMAGES_PER_CLASS = 100
-SIZE = 32
+SIZE = SPECS["demo"].image_size
 RENDER_CHUNK = 300             # images rendered in one vectorised batch (bigger batches fall out of cache)
 DESIGN_SEED = 2023              # fixes which combinations are classes (independent of --seed)
 

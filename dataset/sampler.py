@@ -31,12 +31,12 @@ def check_episode(data: SplitData, way: int, shot: int, query: int, kind: str = 
     naming the flags to change (--way_<kind>, --num_sup_<kind>, --num_qur_<kind>)."""
     where = f"{data.spec.name}/{data.split}"
     if way > data.num_classes:
-        raise DataError(f"--way_{kind} {way} exceeds the {data.num_classes} classes of {where}; "
-                        f"lower --way_{kind}")
+        raise DataError(f"way_{kind} {way} exceeds the {data.num_classes} classes of {where}; "
+                        f"lower way_{kind}")
     smallest = min(len(data.indices_of(c)) for c in range(data.num_classes))
     if shot + query > smallest:
-        raise DataError(f"--num_sup_{kind} {shot} + --num_qur_{kind} {query} images per class, "
-                        f"but a class of {where} has only {smallest}; lower --num_sup_{kind}/--num_qur_{kind}")
+        raise DataError(f"num_sup_{kind} {shot} + num_qur_{kind} {query} images per class, "
+                        f"but a class of {where} has only {smallest}; lower num_sup_{kind}/num_qur_{kind}")
 
 
 def sample_task(data: SplitData, way: int, shot: int, query: int, rng: np.random.Generator) -> Task:

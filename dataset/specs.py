@@ -54,6 +54,6 @@ MIX_IMAGE_SIZE = 84     # the meta model's input size in API-MH
 
 def get_spec(name: str) -> DatasetSpec:
     if name not in SPECS:
-        raise FlagError(f"unknown --dataset {name!r}; choose one of {', '.join(SPECS)}"
+        raise FlagError(f"unknown dataset {name!r}; choose one of {', '.join(SPECS)}"
                          + (" (or mix for API-MH in main.py)" if name != "mix" else ""))
     return SPECS[name]

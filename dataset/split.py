@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -116,3 +117,12 @@ def train_val_indices(data: SplitData, class_ids, train_fraction: float = 0.8):
         va.append(idx[n_train:]); val.append(np.full(len(idx) - n_train, rel))
     cat = np.concatenate
     return cat(tr), cat(trl).astype(np.int64), cat(va), cat(val).astype(np.int64)
+
+
+def load_images(data, indices: np.ndarray, workers: int) -> torch.Tensor:
+    """data.images(indices), decoded by `workers` threads (PIL releases the GIL while decoding)."""
+    if workers <= 1 or len(indices) < 2 * workers:
+        return data.images(indices)
+    chunks = np.array_split(indices, workers)
+    with ThreadPoolExecutor(workers) as ex:
+        return torch.cat(list(ex.map(data.images, chunks)))

@@ -55,7 +55,7 @@ def _fsync_dir(folder: str) -> None:
 class TaskMemory:
     def __init__(self, max_batch_per_class: int = 20, image_size: int = 32):
         if max_batch_per_class < 1:
-            raise FlagError(f"--max_batch_per_class must be at least 1, got {max_batch_per_class}")
+            raise FlagError(f"max_batch_per_class must be at least 1, got {max_batch_per_class}")
         self.max_batch_per_class = int(max_batch_per_class)
         self.image_size = int(image_size)
         self._store: dict[int, deque] = {}     # class -> deque of (batch id, uint8 images)
@@ -166,7 +166,7 @@ class TaskMemory:
     def _check_size(self, state: dict) -> None:
         if int(state["image_size"]) != self.image_size:
             raise CheckpointError(f"the checkpoint's task memory holds {state['image_size']}px images, this run "
-                             f"uses {self.image_size}px; resume with the same --dataset/--backbone flags")
+                             f"uses {self.image_size}px; resume with the same dataset and backbone settings")
 
     def load_state_dict(self, state: dict, folder: str | None = None) -> None:
         """A state_dict() or, with the folder of its batch files, an index from save()."""
@@ -293,4 +293,4 @@ def check_replay_flags(num_sup_kd: int, num_qur_kd: int, num_sup_train: int, num
     return (f"memory replay needs {need} images per class (--num_sup_train {num_sup_train} + --num_qur_train "
             f"{num_qur_train}) but the memory can hold at most {cap} per class (--max_batch_per_class "
             f"{max_batch_per_class} syntheses of --num_sup_kd {num_sup_kd} / --num_qur_kd {num_qur_kd} images); "
-            "raise --max_batch_per_class, --num_sup_kd or --num_qur_kd, or lower --num_sup_train/--num_qur_train")
+            "raise max_batch_per_class, num_sup_kd or num_qur_kd, or lower num_sup_train/num_qur_train")

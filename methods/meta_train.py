@@ -116,8 +116,8 @@ def open_pool(run: Run) -> None:
                             run.device, white_box=not cfg.ZO, budget=cfg.query_budget,
                             say=None if run.procs.is_main else (lambda m: None))
     if cfg.way_train > len(run.pool.classes):
-        raise FlagError(f"--way_train {cfg.way_train} exceeds the {len(run.pool.classes)} classes the API pool "
-                        "covers; lower --way_train or pretrain more APIs")
+        raise FlagError(f"way_train {cfg.way_train} exceeds the {len(run.pool.classes)} classes the API pool "
+                        "covers; lower way_train or pretrain more APIs")
     run.memory = TaskMemory(cfg.max_batch_per_class, image_size=run.prep.size)
     if cfg.meta_generator:
         from synthesis.meta_generator import MetaGenerator
@@ -226,7 +226,7 @@ def plan_meta_batch(run: Run, ids: list[int]) -> list:
         elif not can_replay:
             raise QueryBudgetExceeded(f"the query budget is spent and the task memory cannot yet supply {cfg.way_train}"
                                       f"-way tasks of {cfg.num_sup_train}+{cfg.num_qur_train} images per class; raise "
-                                      "--query_budget or lower --way_train/--num_sup_train/--num_qur_train")
+                                      "query_budget or lower way_train/num_sup_train/num_qur_train")
         else:
             out.append(None)
     return out

@@ -16,7 +16,6 @@ import copy
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,23 +25,23 @@ from torch import nn
 from tqdm import tqdm
 
 import network
-from core.config import PRETRAIN_SETTINGS, Config, check_values
+from core.config import FIELDS, PRETRAIN_SETTINGS, Config, check_values
 from core.device import pick_device
 from core.dist import Dist
 from core.errors import DataError, FlagError, PoolError
 from core.io import atomic_text
 from dataset import DatasetSpec, get_spec, load_split, normalize, random_crop_flip, train_val_indices
+from dataset.split import load_images
 from synthesis.store import api_files, api_path, pool_dir, read_meta, write_api
 
 GRAD_CLIP = 50.0
 LR_MILESTONES = {"conv4": (70,), "resnet": (30, 50, 80)}     # lr x LR_GAMMA at these epochs (the original's)
 LR_GAMMA = 0.2
 EVAL_BATCH = 512
-# Settings that define a pool: an existing API file that differs in any of them belongs to another pool.
-IDENTITY_KEYS = ("dataset", "arch", "way", "classes", "image_size", "channels", "epochs", "init", "api_augment",
-                 "api_patience")
-# What files written before a setting existed were trained with.
-IDENTITY_BEFORE = {"init": "torch", "api_augment": True, "api_patience": None}
+# Settings an API file records as they are (tagged pool_file in core/config.py), and what files written
+# before each existed were trained with. With what expected_identity derives, they define a pool: an existing
+# API file that differs in any of them belongs to another pool.
+POOL_SETTINGS = {k: f.metadata["pool_file"]["before"] for k, f in FIELDS.items() if "pool_file" in f.metadata}
 
 
 @dataclass
@@ -73,15 +72,6 @@ def resolve_epochs(cfg: Config, spec: DatasetSpec) -> int:
 
 
 # ----------------------------------------------------------------------------- data
-
-def load_images(data, indices: np.ndarray, workers: int) -> torch.Tensor:
-    """data.images(indices), decoded by `workers` threads (PIL releases the GIL while decoding)."""
-    if workers <= 1 or len(indices) < 2 * workers:
-        return data.images(indices)
-    chunks = np.array_split(indices, workers)
-    with ThreadPoolExecutor(workers) as ex:
-        return torch.cat(list(ex.map(data.images, chunks)))
-
 
 def api_data(data, classes: list[int], device: torch.device, workers: int = 0) -> APIData:
     """The images of `classes` (first 80% per class train, last 20% validate), on the device."""
@@ -187,15 +177,15 @@ def expected_identity(cfg: Config, spec: DatasetSpec, index: int) -> dict:
     return {"dataset": spec.name, "arch": cfg.pre_backbone, "way": cfg.way_pretrain,
             "classes": api_classes(cfg.api_seed, index, spec.classes_in("meta_train"), cfg.way_pretrain),
             "image_size": spec.image_size, "channels": spec.channels, "epochs": resolve_epochs(cfg, spec),
-            "init": cfg.init, "api_augment": cfg.api_augment, "api_patience": cfg.api_patience}
+            **{k: getattr(cfg, k) for k in POOL_SETTINGS}}
 
 
 def check_api_file(path: str, cfg: Config, spec: DatasetSpec, index: int) -> dict:
     """Metadata of an existing API file; raises one clear error if it belongs to another pool."""
     meta = read_meta(path)
     want = expected_identity(cfg, spec, index)
-    held = {k: meta.get(k, IDENTITY_BEFORE.get(k)) for k in IDENTITY_KEYS}
-    diff = [f"{k} {held[k]!r} (asked: {want[k]!r})" for k in IDENTITY_KEYS if held[k] != want[k]]
+    held = {k: meta.get(k, POOL_SETTINGS.get(k)) for k in want}
+    diff = [f"{k} {held[k]!r} (asked: {want[k]!r})" for k in want if held[k] != want[k]]
     if diff:
         hint = (f" (it was trained with --seed {meta.get('seed')})"
                 if any(d.startswith("classes") for d in diff) and meta.get("seed") != cfg.api_seed else "")
@@ -274,13 +264,13 @@ def pretrain_pool(cfg: Config, dist: Dist | None = None, say=print) -> list[dict
     dist = dist or Dist.from_env()
     spec = get_spec(cfg.dataset)
     if cfg.pre_backbone not in network.ARCHS:
-        raise FlagError(f"--pre_backbone {cfg.pre_backbone!r} cannot be pretrained; choose one of "
+        raise FlagError(f"pre_backbone {cfg.pre_backbone!r} cannot be pretrained; choose one of "
                         f"{', '.join(network.ARCHS)} (pools for API-SH/MH are one pretrain.py run per architecture)")
     check_values(cfg, PRETRAIN_SETTINGS)
     data = load_split(cfg.data_root, spec, "meta_train")
     if data.num_classes < cfg.way_pretrain:
         raise DataError(f"{spec.name} meta_train has {data.num_classes} classes, fewer than "
-                        f"--way_pretrain {cfg.way_pretrain}; lower --way_pretrain or check the split CSV")
+                        f"way_pretrain {cfg.way_pretrain}; lower way_pretrain or check the split CSV")
     if data.num_classes != spec.classes_in("meta_train"):
         raise DataError(f"{spec.name} meta_train has {data.num_classes} classes, expected "
                         f"{spec.classes_in('meta_train')}; rerun `{spec.filelist_script}`")

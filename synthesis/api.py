@@ -38,7 +38,7 @@ class QueryMeter:
             if self.budget is not None and self.total + n > self.budget:
                 raise QueryBudgetExceeded(
                     f"API query budget of {self.budget} images exceeded ({self.total} spent, this call asks "
-                    f"{n} more); raise the budget or lower --generate_iterations/--q")
+                    f"{n} more); raise the budget or lower generate_iterations/q")
             self.count(key, n)
 
     def count(self, key: str, n: int) -> None:

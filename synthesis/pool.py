@@ -86,7 +86,7 @@ class APIPool:
             offset = spec.label_offset if mix else 0
             for a in archs:
                 if a not in ARCHS:
-                    raise FlagError(f"unknown --pre_backbone {a!r}; choose one of "
+                    raise FlagError(f"unknown pre_backbone {a!r}; choose one of "
                                      f"{', '.join(ARCHS)} or mix")
                 folder = pool_dir(prefix, d, a, way)
                 files = api_files(folder)

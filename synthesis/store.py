@@ -77,7 +77,7 @@ def _original_meta(path: str, ckpt: dict, expect: dict | None) -> dict:
     want = (expect or {}).get("arch")
     if want is not None and held.arch != want:
         raise PoolError(f"{path} is an API file of the original implementation holding a {held.arch}, not a "
-                        f"{want}: pass --pre_backbone {held.arch}, or move the file to the {held.arch} pool folder")
+                        f"{want}: pass pre_backbone {held.arch}, or move the file to the {held.arch} pool folder")
     return meta
 
 
