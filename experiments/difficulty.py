@@ -1,8 +1,8 @@
 """How hard is the demo dataset? Few-shot accuracy on meta_test without and with transferred features.
 
-    python -m experiments.difficulty [--data_root ./DFL2Ldata] [--tasks 200] [--epochs 10]
+    python -m experiments.difficulty [--data_root ./DFL2Ldata] [--tasks 200] [--epochs 10] [--out FILE]
 
-Prints 5-way accuracy (mean +- 95% CI over fixed tasks, 15 queries per class) of:
+Prints, and writes to --out as JSON ({"rows": [{check, shot, acc, ci}], ...}), 5-way accuracy (mean +- 95% CI over fixed tasks, 15 queries per class) of:
   - nearest centroid on raw pixels (1/5-shot);
   - nearest centroid on the features of a random-init conv4 (1/5-shot), and fine-tuning it (1-shot);
   - nearest centroid on the features of a conv4 trained as a 64-way classifier on meta_train (1/5-shot):
@@ -29,12 +29,13 @@ SPEC = get_spec("demo")
 WAY, QUERY, TASK_SEED = 5, 15, 7
 
 
-def summary(accs) -> str:
+def summary(accs) -> tuple[float, float]:
+    """(mean accuracy %, 95% half-width) over tasks."""
     accs = 100 * np.asarray(accs)
-    return f"{accs.mean():.1f} +- {1.96 * accs.std() / np.sqrt(len(accs)):.1f}%"
+    return round(float(accs.mean()), 2), round(float(1.96 * accs.std() / np.sqrt(len(accs))), 2)
 
 
-def nearest_centroid(embed, data, shot: int, n: int) -> str:
+def nearest_centroid(embed, data, shot: int, n: int) -> tuple[float, float]:
     """Classify each query by the closest class mean of the support embeddings."""
     accs = []
     with torch.no_grad():
@@ -46,7 +47,7 @@ def nearest_centroid(embed, data, shot: int, n: int) -> str:
     return summary(accs)
 
 
-def finetune(model, data, shot: int, n: int, steps: int = 10, lr: float = 0.01) -> str:
+def finetune(model, data, shot: int, n: int, steps: int = 10, lr: float = 0.01) -> tuple[float, float]:
     """Adapt all parameters with `steps` SGD steps on the support set (MAML's test-time adaptation)."""
     accs = []
     start = {k: v.detach() for k, v in model.named_parameters()}
@@ -87,30 +88,37 @@ def main() -> None:
     p.add_argument("--tasks", type=int, default=200)
     p.add_argument("--epochs", type=int, default=10, help="epochs of the 64-way classifier")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="runs/difficulty/results.json", help="the results as JSON")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     train = load_split(args.data_root, SPEC, "meta_train")
     test = load_split(args.data_root, SPEC, "meta_test")
-    n = args.tasks
+    n, rows = args.tasks, []
 
-    def pixels(x):
-        return x.flatten(1)
-    print(f"raw pixels, nearest centroid:          1-shot {nearest_centroid(pixels, test, 1, n)}  "
-          f"5-shot {nearest_centroid(pixels, test, 5, n)}", flush=True)
+    def record(check: str, shot: int, result: tuple[float, float]) -> None:
+        rows.append({"check": check, "shot": shot, "acc": result[0], "ci": result[1]})
+        print(f"{check}, {shot}-shot: {result[0]:.1f} +- {result[1]:.1f}%", flush=True)
 
     torch.manual_seed(0)
     rand = network.build("conv4", WAY, image_size=SPEC.image_size, batch_stats=True)
 
     def embed(model):
         return lambda x: model.features(normalize(x, SPEC.mean, SPEC.std)).flatten(1)
-    print(f"random-init conv4, nearest centroid:   1-shot {nearest_centroid(embed(rand), test, 1, n)}  "
-          f"5-shot {nearest_centroid(embed(rand), test, 5, n)}", flush=True)
-    print(f"random-init conv4, fine-tune 10 steps: 1-shot {finetune(rand, test, 1, n)}", flush=True)
-
+    for shot in (1, 5):
+        record("nearest centroid on raw pixels", shot, nearest_centroid(lambda x: x.flatten(1), test, shot, n))
+        record("nearest centroid on a random-init conv4's features", shot, nearest_centroid(embed(rand), test, shot, n))
+    record("fine-tuning of a random-init conv4 (10 SGD steps, lr 0.01)", 1, finetune(rand, test, 1, n))
     start = time.time()
     learned = train_64way(train, args.epochs)
-    print(f"64-way conv4 ({args.epochs} epochs, {time.time() - start:.0f}s), nearest centroid: "
-          f"1-shot {nearest_centroid(embed(learned), test, 1, n)}  5-shot {nearest_centroid(embed(learned), test, 5, n)}")
+    took = time.time() - start
+    for shot in (1, 5):
+        record(f"nearest centroid on the features of a conv4 trained for {args.epochs} epochs on the 64 meta-train "
+               f"classes ({took:.0f} s)", shot, nearest_centroid(embed(learned), test, shot, n))
+    from core.io import atomic_json
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    atomic_json({"command": "python -m experiments.difficulty " + " ".join(sys.argv[1:]), "tasks": n,
+                 "date": time.strftime("%Y-%m-%d"), "rows": rows}, args.out)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
