@@ -298,7 +298,8 @@ def options_markdown(parser: argparse.ArgumentParser, title: str) -> str:
     """The flags of a parser as markdown tables, one per group (docs/options.md is made of these)."""
     out = [f"## {title}", ""]
     for g in parser._action_groups:       # noqa: SLF001 - argparse offers no public walk of groups
-        acts = [a for a in g._group_actions if a.option_strings and a.dest != "help"]   # noqa: SLF001
+        acts = [a for a in g._group_actions if a.option_strings and a.dest != "help"  # noqa: SLF001
+                and a.help != argparse.SUPPRESS]
         if not acts:
             continue
         out += [f"### {g.title}", "", "| flag | help |", "|---|---|"]
