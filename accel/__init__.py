@@ -16,6 +16,8 @@ at all where it says bit for bit). Figures behind every choice: bench/RESULTS.md
     zo_lanes(n)                         blocks per chunk inside a block (benchmarks)   (lanes.py)
     parse_task_exec(spec), choose(spec, device, world) -> TaskExec;  map_tasks(...), grad_tasks(...)
                                         how a batch of tasks runs: sequential | lanes | vmap (executors.py)
+    param_grad(loss_of, params, create_graph)
+                                        the inner loop's gradient, in the form the executor needs
 
 Names load on first use, so `accel.process` can run before torch is imported.
 """
@@ -27,7 +29,7 @@ _HOME = {
     "fast_layout": "layout", "match_layout": "layout", "memory_order": "layout", "affine_normalizer": "layout",
     "cpu_threads": "lanes", "direction_blocks": "lanes", "sum_in_order": "lanes", "zo_lanes": "lanes",
     "TaskExec": "executors", "choose": "executors", "map_tasks": "executors", "grad_tasks": "executors",
-    "parse_task_exec": ("executors", "parse"),
+    "parse_task_exec": ("executors", "parse"), "param_grad": "executors",
 }
 __all__ = list(_HOME)
 

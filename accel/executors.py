@@ -13,17 +13,20 @@ an evaluation are computed:
     auto         what bench/RESULTS.md measured fastest: vmap:16 on a GPU (one process), lanes on a CPU
                  with 2+ threads (one lane per thread), else sequential
 
-`choose` holds every rule about which executor may run where.
+`choose` holds every rule about which executor may run where. `param_grad` is the gradient the inner loop
+takes: torch.func.grad under a vmapped executor (it composes with vmap), torch.autograd.grad elsewhere (the
+same numbers with less overhead per op on small tasks).
 """
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import vmap
+from torch.func import grad, vmap
 from torch.overrides import TorchFunctionMode
 
 from core.errors import FlagError
@@ -32,6 +35,30 @@ from .lanes import map_in_lanes
 
 KINDS = ("auto", "sequential", "lanes", "vmap")
 VMAP_CHUNK = 16         # tasks per vmapped chunk on a GPU (bench/RESULTS.md, "tasks batched with vmap")
+_VMAPPED = contextvars.ContextVar("vmapped", default=False)     # inside a vmapped executor's call (this thread)
+
+
+def param_grad(loss_of: Callable[[dict], torch.Tensor], params: dict, create_graph: bool = True) -> dict:
+    """∇_p loss_of(p) for a dict of tensors p; differentiable (create_graph) when asked and grad mode is on.
+    Parameters that do not require grad are differentiated from detached copies (test-time adaptation)."""
+    if _VMAPPED.get():
+        g = grad(loss_of)(params)
+        return g if create_graph else {k: v.detach() for k, v in g.items()}
+    create_graph = create_graph and torch.is_grad_enabled()
+    with torch.enable_grad():
+        leaves = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()}
+        g = torch.autograd.grad(loss_of(leaves), list(leaves.values()), create_graph=create_graph)
+    return dict(zip(leaves, g))
+
+
+def _vmapped(fn: Callable, *args, in_dims=0):
+    """vmap(fn)(*args) with batch-norm as elementwise ops and param_grad in its functional form."""
+    token = _VMAPPED.set(True)
+    try:
+        with _ElementwiseBatchNorm():
+            return vmap(fn, in_dims=in_dims)(*args)
+    finally:
+        _VMAPPED.reset(token)
 
 
 @dataclass(frozen=True)
@@ -77,20 +104,17 @@ Item = Sequence[torch.Tensor]
 
 
 def map_tasks(ex: TaskExec, model: nn.Module, fn: Callable, items: Iterable[Item]) -> list[tuple]:
-    """fn(model, *item) for each item, in order, without a graph: tuples of tensors per item.
-    (The inner loop's gradients are torch.func's, which no_grad does not stop.)"""
+    """fn(model, *item) for each item, in order, without a graph (under no_grad): tuples of tensors per item."""
     def one(m, item):
         with torch.no_grad():
             out = fn(m, *item)
         return out if isinstance(out, tuple) else (out,)
-    if ex.kind == "lanes":
-        return map_in_lanes(model, one, items, ex.width)
-    if ex.kind == "sequential":
-        return [one(model, item) for item in items]
+    if ex.kind != "vmap":
+        return _each(ex, model, one, items)
     out = []
     for chunk in _same_shape_chunks(items, ex.width):
-        with torch.no_grad(), _ElementwiseBatchNorm():
-            res = vmap(lambda *t: fn(model, *t))(*_stack(chunk))
+        with torch.no_grad():
+            res = _vmapped(lambda *t: fn(model, *t), *_stack(chunk))
         res = res if isinstance(res, tuple) else (res,)
         out += list(zip(*(r.unbind(0) for r in res)))
     return out
@@ -106,19 +130,24 @@ def grad_tasks(ex: TaskExec, model: nn.Module, fn: Callable, params: dict, items
     def one(m, item):
         out = fn(m, params, *item)
         grads = torch.autograd.grad(out[0], leaves, allow_unused=True)
-        return tuple(float(o) for o in out), list(grads)
-    if ex.kind == "lanes":
-        return map_in_lanes(model, one, items, ex.width)
-    if ex.kind == "sequential":
-        return [one(model, item) for item in items]
+        return tuple(float(o.detach()) for o in out), list(grads)
+    if ex.kind != "vmap":
+        return _each(ex, model, one, items)
     out = []
     for chunk in _same_shape_chunks(items, ex.width):
-        with _ElementwiseBatchNorm():
-            res = vmap(lambda *t: fn(model, params, *t), in_dims=0)(*_stack(chunk))
+        res = _vmapped(lambda *t: fn(model, params, *t), *_stack(chunk))
         grads = list(torch.autograd.grad(res[0].sum(), leaves, allow_unused=True))
         floats = list(zip(*(r.tolist() for r in res)))
         out += [(f, grads if i == 0 else None) for i, f in enumerate(floats)]
     return out
+
+
+def _each(ex: TaskExec, model: nn.Module, one: Callable, items: Iterable[Item]) -> list:
+    """[one(model, item) for item in items]: in lanes (ex.width at once, each lane with a copy of the model)
+    or one after another."""
+    if ex.kind == "lanes":
+        return map_in_lanes(model, one, items, ex.width)
+    return [one(model, item) for item in items]
 
 
 def _stack(chunk: list[Item]) -> list[torch.Tensor]:

@@ -14,8 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad
+from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
+
+import accel
 
 Params = dict[str, torch.Tensor]
 Prep = Callable[[torch.Tensor], torch.Tensor]   # images in [0, 1] -> meta-model input
@@ -54,19 +56,19 @@ def adapt(model: nn.Module, params: Params, x: torch.Tensor, target: torch.Tenso
         the width of a probability target, else the full head.
     The result is a function of `params`: the outer loss back-propagates into θ, second order (the
     inner gradients are differentiated too) unless first_order (--approx): the inner gradients are
-    then detached, dθ'/dθ = I, and the meta-gradient is the outer gradient taken at θ'. Under
-    torch.no_grad (evaluation) nothing is kept beyond θ'.
+    then not differentiated, dθ'/dθ = I, and the meta-gradient is the outer gradient taken at θ'. Under
+    torch.no_grad (evaluation) nothing is kept beyond θ'. ∇ is accel.param_grad: torch.autograd.grad,
+    or torch.func.grad when an executor vmaps tasks.
     recompute: keep no step's graph, only θ_0 .. θ_{K-1}; the outer backward recomputes one step at a
         time (torch.utils.checkpoint per step): the same θ' and meta-gradient, bit for bit on the CPU, in
-        one step's memory instead of K. Take the outer gradient with loss.backward() then.
+        one step's memory instead of K.
     """
     if way is None and target.dim() > 1:
         way = target.shape[1]
-    inner_grad = grad(lambda p: loss_fn(forward(model, p, x, way), target))
 
     def step(p: Params) -> Params:
-        g = inner_grad(p)
-        return {k: p[k] - lr * (g[k].detach() if first_order else g[k]) for k in p}
+        g = accel.param_grad(lambda q: loss_fn(forward(model, q, x, way), target), p, create_graph=not first_order)
+        return {k: p[k] - lr * g[k] for k in p}
 
     for _ in range(steps):
         params = _recomputed(step, params) if recompute else step(params)
@@ -74,11 +76,10 @@ def adapt(model: nn.Module, params: Params, x: torch.Tensor, target: torch.Tenso
 
 
 def _recomputed(step: Callable[[Params], Params], params: Params) -> Params:
-    """step(params) whose graph is rebuilt during the backward instead of kept. Reentrant checkpointing:
-    the non-reentrant kind cannot hold torch.func.grad (it needs saved-tensor hooks)."""
+    """step(params) whose graph is rebuilt during the backward instead of kept."""
     names = list(params)
     out = checkpoint(lambda *v: tuple(step(dict(zip(names, v))).values()), *params.values(),
-                     use_reentrant=True, preserve_rng_state=False)
+                     use_reentrant=False, preserve_rng_state=False)
     return dict(zip(names, out))
 
 

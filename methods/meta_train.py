@@ -170,7 +170,7 @@ def meta_batch(run: Run, ids: list[int]) -> tuple[list[float], list[float]]:
     for i, planned in enumerate(plan):      # 1. the API visits
         if planned is not None and procs.owns(i):
             out, visits[i] = visit(run, ids[i], *planned)
-            out.loss.backward()             # one task's graph at a time (backward(): the visit's inner loop recomputes)
+            out.loss.backward()             # one task's graph at a time
             grads.take(i)
             del out
     for i, r in dist.gather_items(visits, procs).items():      # their sets join the memory, on every process
