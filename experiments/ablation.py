@@ -109,7 +109,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="rows run side by side, one thread each")
     p.add_argument("--test_tasks", type=int, default=600)
+    p.add_argument("--list", action="store_true", help="print the rows (main.py flags, pool flags) as JSON; run nothing")
     a = p.parse_args(argv)
+    if a.list:
+        print(json.dumps({name: {"flags": f, "pool": POOLS[pool]} for name, (f, pool) in ROWS.items()}))
+        return []
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:

@@ -143,7 +143,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     p.add_argument("--test_tasks", type=int, default=600)
     p.add_argument("--flags", default="", help="extra main.py flags for every row (e.g. '--meta_generator_steps 4')")
+    p.add_argument("--list", action="store_true", help="print the rows (method, main.py flags, budget) as JSON; run nothing")
     a = p.parse_args(argv)
+    if a.list:
+        print(json.dumps({name: {"method": m, "flags": f, "budget": None if s is None else str(s)}
+                          for name, (m, f, s) in ROWS.items()}))
+        return []
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
