@@ -58,11 +58,12 @@ def train(cfg: Config) -> dict:
     run = Run(cfg, procs, device, ex, prep, load_eval_splits(cfg, ("meta_test",) if cfg.evaluate else None), model,
               torch.optim.Adam(model.parameters(), lr=cfg.outer_lr), default_out_dir(cfg))
     # Everything that can fail on the user's data or pool fails before the run directory is touched.
-    if cfg.evaluate and cfg.evaluate != "random":       # 'random': the untrained meta model of --seed
-        checkpoint.load_meta_model(model, cfg.evaluate)
+    if cfg.evaluate:
+        if cfg.evaluate != "random":                    # 'random': the untrained meta model of --seed
+            checkpoint.load_meta_model(model, cfg.evaluate)
     elif cfg.baseline == "maml_real":
         run.real = RealTasks(cfg, prep.size)
-    elif cfg.baseline == "none" and not cfg.evaluate:
+    elif cfg.baseline == "none":
         open_pool(run)
     resume_from = dist.on_main(lambda: run_dir.prepare(cfg, run.out_dir), procs)
     if resume_from == "finished":
