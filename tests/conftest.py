@@ -1,6 +1,14 @@
-"""Shared, session-scoped fixtures: a small demo dataset and a small pretrained API pool.
+"""Shared, session-scoped fixtures: a small demo dataset (`demo_root`), a small pretrained API pool on it
+(`demo_pool`) and a tiny meta-training run on them (`tiny_run`); a smaller demo dataset for the fast tier
+(`small_demo_root`); the test device; the fast tier. Helpers that are not fixtures: tests/helpers.py.
 
 Built once per test session (in a temp dir) so every test file can use them cheaply.
+
+The fast tier (`bash tests/run.sh --fast`, i.e. `-m "fast and not slow"`): the tests marked `fast` (most files
+mark the whole module: `pytestmark = pytest.mark.fast`) and not `slow`. A test is slow when it pretrains or
+uses the API pool or the pool's demo data (any test whose fixtures include `demo_pool` or `demo_root` is
+marked slow here, automatically), launches a training run (main.py, pretrain.py, torchrun) or takes more than
+a few seconds; such tests carry `@pytest.mark.slow`. An unmarked test runs in the whole suite only.
 """
 from __future__ import annotations
 
@@ -45,7 +53,16 @@ def device_tol(cpu: float, other: float) -> float:
     return cpu if ON_CPU else other
 
 
+# Fixtures that make a test slow wherever it uses them (directly or through another fixture): the demo dataset
+# the pool is pretrained on (seconds to generate) and the pool. Fast tests use small_demo_root.
+HEAVY_FIXTURES = ("demo_root", "demo_pool")
+
+
 def pytest_configure(config):
+    config.addinivalue_line("markers", "fast: a unit test of a few seconds at most, in the fast tier "
+                                       "(bash tests/run.sh --fast: -m 'fast and not slow')")
+    config.addinivalue_line("markers", "slow: pretrains, uses the API pool, launches training runs or takes more "
+                                       "than a few seconds; left out of the fast tier even in a fast module")
     config.addinivalue_line("markers", "cpu_only(reason): checks what holds on the CPU only; skipped, with the "
                                        "reason, when BIDF_TEST_DEVICE is not the CPU")
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
@@ -54,6 +71,9 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(f in item.fixturenames for f in HEAVY_FIXTURES) and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
     if ON_CPU:
         return
     for item in items:
@@ -70,6 +90,7 @@ def device() -> torch.device:
 
 
 DEMO_IMAGES_PER_CLASS = 60      # smaller than the default to keep the suite fast
+SMALL_DEMO_IMAGES_PER_CLASS = 12    # the fast tier's demo data: enough for 5-way tasks of a few shots
 POOL_SIZE = 3
 POOL_EPOCHS = 8
 
@@ -114,6 +135,15 @@ def demo_root(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def small_demo_root(tmp_path_factory) -> str:
+    """A data root holding the demo dataset with SMALL_DEMO_IMAGES_PER_CLASS images per class (the fast tier's)."""
+    from dataset.demo import ensure_demo
+    root = str(tmp_path_factory.mktemp("DFL2Ldata_small"))
+    ensure_demo(root, images_per_class=SMALL_DEMO_IMAGES_PER_CLASS, seed=0, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
 def demo_pool(demo_root, tmp_path_factory) -> str:
     """A pretrained pool of POOL_SIZE conv4 5-way APIs on the demo data; returns the prefix
     (pass as --pretrained_path_prefix)."""
@@ -122,3 +152,14 @@ def demo_pool(demo_root, tmp_path_factory) -> str:
              "--epochs", str(POOL_EPOCHS), "--data_root", demo_root, "--pretrained_path_prefix", prefix,
              "--seed", "0"])
     return prefix
+
+
+@pytest.fixture(scope="session")
+def tiny_run(demo_root, demo_pool, tmp_path_factory):
+    """A tiny BiDf-MKD run of 16 tasks on the demo fixtures (tests/helpers.py TINY), evaluated every 8 tasks
+    and saved every 4; returns (out_dir, its flags, the completed process). Tests read it, never write it."""
+    from helpers import flags
+    out = str(tmp_path_factory.mktemp("runs") / "tiny")
+    argv = flags(demo_root, demo_pool, out, "--episode_train", "16", "--val_interval", "8", "--save_interval", "4")
+    proc = run_cli(["main.py", *argv])
+    return out, argv, proc

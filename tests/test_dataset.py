@@ -1,4 +1,5 @@
-"""Dataset access: the demo dataset, the split reader, the per-class train/val split, the sampler."""
+"""dataset/: the demo dataset, the split reader, the per-class train/val split, the episodic sampler and the
+batched augmentation (one crop/flip per batch or per image)."""
 from __future__ import annotations
 
 import csv
@@ -9,32 +10,43 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from conftest import DEMO_IMAGES_PER_CLASS, run_cli
-from dataset import (DataError, check_episode, fixed_tasks, get_spec, load_split, sample_task, task_rng,
-                     train_val_indices)
+from conftest import DEMO_IMAGES_PER_CLASS, SMALL_DEMO_IMAGES_PER_CLASS as N, run_cli
+from dataset import (DataError, check_episode, fixed_tasks, get_spec, load_split, normalize, random_crop_flip,
+                     resize, sample_task, task_rng, train_val_indices)
 from dataset.demo import COLOURS, SHAPES, TEXTURES, class_table, ensure_demo
+
+pytestmark = pytest.mark.fast
 
 SPEC = get_spec("demo")
 
 
 # ----------------------------------------------------------------------------- the demo dataset
 
-def test_demo_layout(demo_root):
+def test_demo_layout(small_demo_root):
+    """The demo dataset as ensure_demo writes it (the fast tier's small copy; the pool's: below)."""
+    demo_root = small_demo_root
     folder = os.path.join(demo_root, "demo")
     for split, n_classes in zip(("meta_train", "meta_val", "meta_test"), (64, 16, 20)):
         classes = sorted(os.listdir(os.path.join(folder, split)))
         assert len(classes) == n_classes
-        assert all(len(os.listdir(os.path.join(folder, split, c))) == DEMO_IMAGES_PER_CLASS for c in classes)
+        assert all(len(os.listdir(os.path.join(folder, split, c))) == N for c in classes)
         data = load_split(demo_root, SPEC, split)
         assert data.class_names == classes and data.num_classes == n_classes
-        assert len(data.files) == n_classes * DEMO_IMAGES_PER_CLASS
+        assert len(data.files) == n_classes * N
         x = data.images([0, len(data.files) - 1])
         assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
         assert x.std() > 0.05                                            # not blank
     meta = json.load(open(os.path.join(folder, "demo.json")))
-    assert meta["images_per_class"] == DEMO_IMAGES_PER_CLASS and meta["seed"] == 0
+    assert meta["images_per_class"] == N and meta["seed"] == 0
     assert meta["classes"] == {"meta_train": 64, "meta_val": 16, "meta_test": 20}
+
+
+def test_the_pools_demo_data_holds_what_the_suite_asked_for(demo_root):
+    meta = json.load(open(os.path.join(demo_root, "demo", "demo.json")))
+    assert meta["images_per_class"] == DEMO_IMAGES_PER_CLASS and meta["seed"] == 0
+    assert len(load_split(demo_root, SPEC, "meta_train").files) == 64 * DEMO_IMAGES_PER_CLASS
 
 
 def test_demo_classes_are_new_combinations_of_shared_parts():
@@ -47,6 +59,7 @@ def test_demo_classes_are_new_combinations_of_shared_parts():
     assert {t for _, _, t in train} == set(TEXTURES)
 
 
+@pytest.mark.slow
 def test_demo_is_deterministic(tmp_path):
     a = ensure_demo(str(tmp_path / "a"), images_per_class=3, seed=5, progress=False)
     b = ensure_demo(str(tmp_path / "b"), images_per_class=3, seed=5, progress=False)
@@ -90,6 +103,7 @@ def test_interrupted_generation_is_not_mistaken_for_a_dataset(tmp_path, monkeypa
     assert sorted(os.listdir(tmp_path)) == [".demo.lock", "demo"]            # stale temp folder removed
 
 
+@pytest.mark.slow
 def test_demo_cli(tmp_path):
     proc = run_cli(["-m", "dataset.demo", "--data_root", str(tmp_path), "--images_per_class", "2",
                     "--seed", "1", "--preview", str(tmp_path / "preview.png")])
@@ -105,11 +119,11 @@ def test_demo_cli(tmp_path):
 
 # ----------------------------------------------------------------------------- split reader, 80/20 split
 
-def test_train_val_indices(demo_root):
-    data = load_split(demo_root, SPEC, "meta_train")
+def test_train_val_indices(small_demo_root):
+    data = load_split(small_demo_root, SPEC, "meta_train")
     classes = [3, 17, 40]
     tr, trl, va, val = train_val_indices(data, classes)
-    n = DEMO_IMAGES_PER_CLASS
+    n = N
     assert len(tr) == 3 * int(0.8 * n) and len(va) == 3 * (n - int(0.8 * n))
     assert set(trl.tolist()) == set(val.tolist()) == {0, 1, 2}           # relative labels
     assert not set(tr) & set(va)
@@ -127,8 +141,8 @@ def test_missing_split_is_one_line_error(tmp_path):
 
 # ----------------------------------------------------------------------------- sampler
 
-def test_sample_task(demo_root):
-    data = load_split(demo_root, SPEC, "meta_test")
+def test_sample_task(small_demo_root):
+    data = load_split(small_demo_root, SPEC, "meta_test")
     way, shot, query = 5, 2, 3
     task = sample_task(data, way, shot, query, np.random.default_rng(0))
     assert task.support_x.shape == (way * shot, 3, 32, 32) and task.query_x.shape == (way * query, 3, 32, 32)
@@ -144,8 +158,8 @@ def test_sample_task(demo_root):
     assert not any((sup == q).all(1).any() for q in task.query_x.flatten(1))
 
 
-def test_sampler_is_reproducible(demo_root):
-    data = load_split(demo_root, SPEC, "meta_val")
+def test_sampler_is_reproducible(small_demo_root):
+    data = load_split(small_demo_root, SPEC, "meta_val")
     t1 = sample_task(data, 5, 1, 2, task_rng(3, 7))
     t2 = sample_task(data, 5, 1, 2, task_rng(3, 7))
     t3 = sample_task(data, 5, 1, 2, task_rng(3, 8))
@@ -156,10 +170,57 @@ def test_sampler_is_reproducible(demo_root):
     assert a == b and len({tuple(c) for c in a}) > 1
 
 
-def test_check_episode(demo_root):
-    data = load_split(demo_root, SPEC, "meta_val")       # 16 classes
-    check_episode(data, 16, 1, DEMO_IMAGES_PER_CLASS - 1)
-    with pytest.raises(DataError, match="--way_test 17 exceeds the 16 classes"):
+def test_check_episode(small_demo_root):
+    data = load_split(small_demo_root, SPEC, "meta_val")       # 16 classes
+    check_episode(data, 16, 1, N - 1)
+    with pytest.raises(DataError, match="way_test 17 exceeds the 16 classes of demo/meta_val"):
         check_episode(data, 17, 1, 1, "test")
-    with pytest.raises(DataError, match="--num_sup_test 5 \\+ --num_qur_test"):
-        check_episode(data, 5, 5, DEMO_IMAGES_PER_CLASS)
+    with pytest.raises(DataError, match="num_sup_test 5 \\+ num_qur_test"):
+        check_episode(data, 5, 5, N)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+def crop_flip_params(x: torch.Tensor, out: torch.Tensor, pad: int) -> list[set]:
+    """For each image, the (row offset, column offset, flip) draws that explain out[i] from x[i]."""
+    xp = F.pad(x, (pad, pad, pad, pad))
+    h, w = x.shape[-2:]
+    found = []
+    for i in range(len(x)):
+        ok = set()
+        for oy in range(2 * pad + 1):
+            for ox in range(2 * pad + 1):
+                crop = xp[i, :, oy:oy + h, ox:ox + w]
+                for flip in (False, True):
+                    if torch.equal(crop.flip(-1) if flip else crop, out[i]):
+                        ok.add((oy, ox, flip))
+        assert ok, f"image {i} is not a crop/flip of its input"
+        found.append(ok)
+    return found
+
+
+def test_batch_mode_draws_one_crop_and_flip_for_the_whole_batch(device):
+    x = torch.rand(16, 3, 8, 8, device=device)
+    gen = lambda s: torch.Generator(device=device).manual_seed(s)     # noqa: E731
+    draws = set()
+    for seed in range(12):
+        found = crop_flip_params(x, random_crop_flip(x, pad=2, generator=gen(seed), per="batch"), pad=2)
+        common = set.intersection(*found)
+        assert len(common) == 1                              # one draw explains every image
+        draws |= common
+    assert len(draws) > 3 and {f for *_, f in draws} == {False, True}
+    per_image = crop_flip_params(x, random_crop_flip(x, pad=2, generator=gen(0), per="image"), pad=2)
+    assert not set.intersection(*per_image)                  # 16 independent draws never all agree here
+    assert torch.equal(random_crop_flip(x, pad=2, generator=gen(3)), random_crop_flip(x, pad=2, generator=gen(3)))
+    xg = x.clone().requires_grad_()
+    random_crop_flip(xg, per="batch").sum().backward()       # the generator is trained through it
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="per"):
+        random_crop_flip(x, per="pixel")
+
+
+def test_normalize_and_resize(device):
+    x = torch.rand(2, 3, 32, 32, device=device)
+    n = normalize(x, SPEC.mean, SPEC.std)
+    torch.testing.assert_close(n * 0.25 + 0.5, x)
+    assert resize(x, 32) is x and resize(x, 84).shape == (2, 3, 84, 84)

@@ -10,6 +10,8 @@ from PIL import Image
 
 from conftest import run_cli
 
+pytestmark = pytest.mark.fast
+
 SPLITS = ("meta_train", "meta_val", "meta_test")
 
 

@@ -1,5 +1,6 @@
-"""--meta_generator: the Reptile update, recover()'s initial/final state, a visit through a strict black
-box, the query count, and the state in the checkpoint across --resume."""
+"""synthesis/meta_generator.py (--meta_generator): the Reptile update, codes per absolute class and kind, a visit
+through a strict black box and its query count, and the state in the checkpoint across --resume (recover()'s
+initial/final state: test_recover.py)."""
 from __future__ import annotations
 
 import json
@@ -10,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_cli
-
 from core.config import Config, visit_cost
 from core.errors import FlagError
 from synthesis.meta_generator import MetaGenerator, reptile
+
+pytestmark = pytest.mark.fast     # the fast tier, but for the tests marked slow
 
 
 def test_reptile_moves_phi_toward_the_visit_and_keeps_integer_buffers():
@@ -88,11 +89,10 @@ class StrictBlackBox:
 
 def test_a_meta_generator_visit_needs_nothing_but_probabilities():
     from dataset.specs import get_spec
-    from methods.kd import KDSettings, kd_task
+    from methods.kd import kd_task
     from methods.maml import meta_params
-    from methods.meta_train import MetaInput
+    from methods.meta_model import MetaInput
     from network import build
-    from synthesis.recover import ZOConfig
     spec = get_spec("demo")
     api = StrictBlackBox(spec, [4, 11, 20, 33, 50])
     for forbidden in ("parameters", "state_dict", "model", "_BlackBoxAPI__logits"):
@@ -102,8 +102,8 @@ def test_a_meta_generator_visit_needs_nothing_but_probabilities():
         api(torch.zeros(1, 3, 32, 32, requires_grad=True))
     prep = MetaInput(spec.image_size, spec.channels, tuple(spec.mean), tuple(spec.std))
     model = build("conv4", 5, channels=3, image_size=32, batch_stats=True)
-    s = KDSettings(num_sup_kd=2, num_qur_kd=3, inner_update_num_kd=2, generate_iterations=50,
-                   meta_generator_steps=2, zo=ZOConfig(q=3, mu=0.005, numsplit=1))
+    s = Config(num_sup_kd=2, num_qur_kd=3, inner_update_num_kd=2, generate_iterations=50, meta_generator=True,
+               meta_generator_steps=2, meta_generator_lr=0.5, ZO=True, q=3, mu=0.005, numsplit=1)
     mg = MetaGenerator(lr=0.5)
     gen = torch.Generator().manual_seed(0)
     for visit in range(2):
@@ -117,18 +117,6 @@ def test_a_meta_generator_visit_needs_nothing_but_probabilities():
     assert set(mg.codes["support"]) == {4, 11, 20, 33, 50} and mg.codes["query"][4].shape == (3, 256)
 
 
-def test_recover_starts_from_and_returns_the_state():
-    from dataset.specs import get_spec
-    from synthesis.recover import ZOConfig, recover
-    api = StrictBlackBox(get_spec("demo"), [0, 1])
-    first = {}
-    recover(api, 2, steps=2, zo=ZOConfig(q=2, numsplit=1), generator=torch.Generator().manual_seed(1), final=first)
-    same = {}
-    recover(api, 2, steps=0, zo=ZOConfig(q=2, numsplit=1), init=first, final=same)
-    assert torch.equal(same["z"], first["z"])
-    assert all(torch.equal(same["generator"][k], v) for k, v in first["generator"].items())
-
-
 TINY_MG = ["--dataset", "demo", "--APInum", "3", "--ZO", "--q", "4", "--numsplit", "2", "--generate_iterations", "9",
            "--meta_generator", "--meta_generator_steps", "2", "--meta_generator_lr", "0.5",
            "--num_sup_kd", "2", "--num_qur_kd", "3", "--inner_update_num_kd", "2", "--way_train", "10",
@@ -137,14 +125,17 @@ TINY_MG = ["--dataset", "demo", "--APInum", "3", "--ZO", "--q", "4", "--numsplit
            "--test_inner_update_num", "2", "--max_batch_per_class", "4", "--advstartit", "1"]
 
 
+@pytest.mark.slow
 def test_meta_generator_state_survives_resume(demo_root, demo_pool, tmp_path):
     """A run stopped after task 8 and resumed ends exactly where the uninterrupted run ends."""
     def flags(out, tasks):
         return [*TINY_MG, "--data_root", demo_root, "--pretrained_path_prefix", demo_pool, "--out_dir", out,
                 "--episode_train", str(tasks), "--val_interval", "8", "--save_interval", "8"]
+    from main import parse_args
+    from methods.meta_train import train
     whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
-    run_cli(["main.py", *flags(whole, 16)])
-    run_cli(["main.py", *flags(part, 8)])
+    train(parse_args(flags(whole, 16)))
+    train(parse_args(flags(part, 8)))
     ck8 = torch.load(os.path.join(part, "last.pth"), weights_only=True)
     assert ck8["meta_generator"]["updates"] == 2 * ck8["state"]["api_visits"] > 0
     # continue the 8-task run as a 16-task one: the same run up to its checkpoint
@@ -152,7 +143,7 @@ def test_meta_generator_state_survives_resume(demo_root, demo_pool, tmp_path):
     cfg["episode_train"] = 16
     json.dump(cfg, open(os.path.join(part, "config.json"), "w"))
     os.remove(os.path.join(part, "summary.json"))
-    run_cli(["main.py", *flags(part, 16), "--resume"])
+    train(parse_args([*flags(part, 16), "--resume"]))
     a, b = (torch.load(os.path.join(d, "last.pth"), weights_only=True) for d in (whole, part))
     assert a["state"]["api_queries"] == b["state"]["api_queries"]
     for kind in ("support", "query"):

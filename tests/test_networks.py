@@ -10,8 +10,10 @@ from torch.func import functional_call
 import network
 from conftest import ON_CPU, device_tol
 
+pytestmark = pytest.mark.fast
 
-@pytest.mark.parametrize("size", [32, 84])
+
+@pytest.mark.parametrize("size", [32, pytest.param(84, marks=pytest.mark.slow)])   # 84 px: the whole suite's
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("name,kw", [
     ("conv4", {}),

@@ -1,5 +1,6 @@
-"""Checkpoints written by the original BiDf-MKD code load into our networks and give the same
-probabilities; the original's initialisation; the ResNet-34/50/101 backbones."""
+"""network/original.py and the original's files: checkpoints written by the original BiDf-MKD code load into our
+networks and give the same probabilities, its pools serve as API pools, its pretraining command works; the
+original's initialisation; the ResNet-34/50/101 backbones."""
 from __future__ import annotations
 
 import math
@@ -18,6 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.normpath(os.path.join(REPO, "..", "shared", "fixtures", "original-checkpoints"))
 POOLS = [("cifar100", "conv4"), ("miniimagenet", "conv4"), ("cifar100", "resnet10")]
 TOL = 1e-5
+
+pytestmark = pytest.mark.fast     # the fast tier, but for the tests marked slow
 
 needs_fixtures = pytest.mark.skipif(
     not os.path.isdir(FIXTURES),
@@ -180,6 +183,7 @@ def test_init_original_leaves_linear_layers_alone():
     assert torch.equal(model.features[0][0].bias, bias)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet34", "resnet50", "resnet101"])
 def test_deep_resnets_forward(arch, device):
     torch.manual_seed(0)
@@ -221,6 +225,7 @@ def test_original_file_of_another_arch_is_one_line(tmp_path):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 @needs_fixtures
 def test_synthesis_command_recovers_from_an_original_pool(tmp_path):
     from conftest import run_cli
@@ -245,6 +250,7 @@ ORIGINAL_PRETRAIN = ["--multigpu", "0", "--gpu", "0", "--way_train", "5", "--num
                      "--numsplit", "5", "--pretrain"]
 
 
+@pytest.mark.slow
 def test_main_pretrain_with_the_original_flags_makes_a_usable_pool(demo_root, tmp_path):
     from conftest import run_cli
     prefix = str(tmp_path / "pool")
@@ -260,6 +266,7 @@ def test_main_pretrain_with_the_original_flags_makes_a_usable_pool(demo_root, tm
     assert summary["api_visits"] >= 1 and summary["tasks"] == 4, proc.stdout
 
 
+@pytest.mark.slow
 def test_mix_dataset_with_one_arch_is_one_line(demo_root, tmp_path):
     from conftest import run_cli
     proc = run_cli(["main.py", "--dataset", "mix", "--pre_backbone", "conv4", "--out_dir", str(tmp_path / "r")],

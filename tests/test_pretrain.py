@@ -1,5 +1,5 @@
-"""pretrain.py: the API pool learns, its files hold the best weights, resumes, refuses to mix pools,
-trains resnets, and shards over torchrun."""
+"""pretrain.py and methods/pretrain_api.py: the API pool learns, its files hold the best weights, resumes, refuses
+to mix pools, trains resnets, and shards over torchrun."""
 from __future__ import annotations
 
 import json
@@ -15,9 +15,10 @@ import network
 from dataset import get_spec, load_split
 from core.config import Config
 from core.errors import DataError, PoolError
-from core.io import atomic_write
 from methods import pretrain_api as pa
 from synthesis.store import api_path, pool_dir
+
+pytestmark = pytest.mark.fast     # the fast tier, but for the tests marked slow (all that use the pool)
 
 # 5-way chance is 20%. A demo API validates on 5 x 12 = 60 images (60 per class, last 20%), so a
 # chance-level classifier scores 20% +- 5.2% (binomial std): 45% is ~5 std above chance. Measured
@@ -139,24 +140,13 @@ def test_other_settings_in_existing_pool_is_one_clear_error(demo_pool, demo_root
     assert {p: os.stat(os.path.join(folder, p)).st_mtime_ns for p in os.listdir(folder)} == before
 
 
-def test_bad_data_errors(demo_root, tmp_path):
+def test_bad_data_errors(small_demo_root, tmp_path):
     cfg = Config(dataset="cifar100", data_root=str(tmp_path / "empty"), pretrained_path_prefix=str(tmp_path / "p"))
     with pytest.raises(DataError, match="write_cifar100_filelist.py"):
         pa.pretrain_pool(cfg, pa.Dist(), say=lambda *_: None)
-    cfg = Config(dataset="demo", way_pretrain=65, data_root=demo_root, pretrained_path_prefix=str(tmp_path / "p"))
-    with pytest.raises(DataError, match="64 classes, fewer than --way_pretrain 65"):
+    cfg = Config(dataset="demo", way_pretrain=65, data_root=small_demo_root, pretrained_path_prefix=str(tmp_path / "p"))
+    with pytest.raises(DataError, match="64 classes, fewer than way_pretrain 65"):
         pa.pretrain_pool(cfg, pa.Dist(), say=lambda *_: None)
-
-
-def test_atomic_write_leaves_no_partial_file(tmp_path):
-    path = str(tmp_path / "model_specific_0.pth")
-
-    def crashing_write(f):
-        f.write(b"half a checkpoint")
-        raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write(path, crashing_write)
-    assert os.listdir(tmp_path) == []
 
 
 def test_resnet10_api_trains_one_epoch(demo_root, device):

@@ -1,47 +1,16 @@
-"""main.py --evaluate (how the demo scores saved models) and the demo's results table and pictures."""
+"""reporting/ (python -m reporting): the demo's results table and pictures, the intervals-apart rule, and the
+recovered images it reads from a run's last.pth. (main.py --evaluate, which scores the demo's models:
+test_meta_train.py; the generated tables of the docs: test_doc_tables.py; docs/options.md: test_config.py.)"""
 import json
 import os
 
+import pytest
 import torch
 
 from conftest import run_cli
-from network import build
+from helpers import run_memory
 
-
-def _evaluate(demo_root, out, checkpoint, *extra):
-    return run_cli(["main.py", "--dataset", "demo", "--data_root", demo_root, "--evaluate", checkpoint,
-                    "--num_sup_test", "1", "--num_qur_test", "3", "--episode_test", "8",
-                    "--test_inner_update_num", "2", "--out_dir", out, *extra], check=False)
-
-
-def test_evaluate_scores_the_saved_weights(demo_root, tmp_path):
-    # An all-zero meta model outputs equal logits before and after adaptation (every gradient but the
-    # head bias's is zero, and 1-shot balanced supports cancel that one), so argmax is class 0 on every
-    # query: exactly 1/5 of a 5-way task. Random weights would not give exactly 20.0 with zero spread.
-    model = build("conv4", 5, image_size=32, batch_stats=True)
-    torch.save({"model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()}}, tmp_path / "zero.pth")
-    proc = _evaluate(demo_root, str(tmp_path / "ev"), str(tmp_path / "zero.pth"))
-    assert proc.returncode == 0, proc.stderr
-    summary = json.load(open(tmp_path / "ev" / "summary.json"))
-    assert abs(summary["test_acc"] - 20.0) < 1e-4 and summary["test_ci"] < 1e-4
-    assert summary["episode_test"] == 8 and summary["num_sup_test"] == 1
-    rows = [json.loads(line) for line in open(tmp_path / "ev" / "metrics.jsonl")]
-    assert [r["split"] for r in rows] == ["meta_test"]          # selection already happened on meta_val
-
-
-def test_evaluate_random_is_reproducible_and_bad_checkpoints_fail_in_one_line(demo_root, tmp_path):
-    a = _evaluate(demo_root, str(tmp_path / "a"), "random", "--seed", "3")
-    b = _evaluate(demo_root, str(tmp_path / "b"), "random", "--seed", "3")
-    assert a.returncode == 0 and b.returncode == 0, a.stderr
-    acc = [json.load(open(tmp_path / d / "summary.json"))["test_acc"] for d in "ab"]
-    assert acc[0] == acc[1] and 0 <= acc[0] <= 100
-    missing = _evaluate(demo_root, str(tmp_path / "c"), str(tmp_path / "none.pth"))
-    assert missing.returncode != 0 and missing.stderr.strip().splitlines() == [
-        f"error: --evaluate {tmp_path / 'none.pth'}: no such checkpoint; pass a run's best.pth or last.pth"]
-    torch.save({"model": build("conv4", 7, image_size=32, batch_stats=True).state_dict()}, tmp_path / "w7.pth")
-    wrong = _evaluate(demo_root, str(tmp_path / "d"), str(tmp_path / "w7.pth"))
-    lines = wrong.stderr.strip().splitlines()
-    assert wrong.returncode != 0 and len(lines) == 1 and "not a meta-model checkpoint of this geometry" in lines[0]
+pytestmark = pytest.mark.fast     # the fast tier, but for the tests marked slow
 
 
 def _fake_demo(root):
@@ -64,6 +33,7 @@ def _fake_demo(root):
     return figures
 
 
+@pytest.mark.slow
 def test_reporting_writes_the_table_and_the_pictures(tmp_path):
     figures = _fake_demo(tmp_path)
     run_cli(["-m", "reporting", str(tmp_path)])
@@ -82,3 +52,16 @@ def test_overlap_of_confidence_intervals():
             {"method": "c", "shot": 1, "acc": 31.5, "ci": 1.0}]
     assert overlap(rows, "a", "b", 1) is False and overlap(rows, "a", "c", 1) is True
     assert overlap(rows, "a", "b", 5) is None
+
+
+def test_last_pth_keeps_what_reporting_reads(tiny_run, tmp_path):
+    """python -m reporting draws recovered images from last.pth: the first images of each class."""
+    from reporting.figures import recovered_vs_real
+    out = tiny_run[0]
+    ck = torch.load(os.path.join(out, "last.pth"), weights_only=True)
+    mem = run_memory(out)
+    assert set(ck["memory"]["store"]) == set(mem.classes)
+    for c in mem.classes:
+        assert torch.equal(torch.cat(list(ck["memory"]["store"][c]))[:6], torch.cat(mem.batches(c))[:6])
+    assert recovered_vs_real(out, str(tmp_path / "recovered.png"))
+    assert os.path.getsize(tmp_path / "recovered.png") > 1000

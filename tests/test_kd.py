@@ -1,0 +1,205 @@
+"""methods/kd.py: one API visit is one bi-level KD task. The inner loop fits the API on the recovered support
+set; the outer loss reaches every meta parameter through θ'; a visit costs exactly visit_cost(cfg) queries and
+runs on --visit_threads; the second-order visit keeps no inner graph (adapt's recompute) and gives the same
+images, loss, meta-gradient and random draws as one that keeps it; each recovered set is cropped and
+flipped once (kd_augment) and handed on un-augmented; the boundary student sees one recovered set per
+forward."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import accel
+import methods.kd as kd
+from core.config import Config, visit_cost
+from methods.kd import bounded_student, kd_task
+from methods.maml import meta_params
+from methods.meta_model import MetaInput
+
+from conftest import DEVICE, ON_CPU, device_tol
+from helpers import MEAN, STD, FakeAPI, demo_prep, gen, meta_model, random_api
+
+pytestmark = pytest.mark.fast     # the fast tier, but for the tests marked slow
+
+SMALL = dict(ZO=True, q=4, mu=0.005, numsplit=2, generate_iterations=2, num_sup_kd=3, num_qur_kd=2,
+             inner_update_num_kd=2, inner_lr=0.01, adv=1.0)
+
+
+def _visit(*, keep_graph: bool = False, monkeypatch=None, **kw):
+    """One small visit (16px, a linear API) from fixed seeds: (outcome, meta-gradient, global RNG state after
+    it). keep_graph: the inner loop keeps its graph (adapt's recompute off), the reference."""
+    if keep_graph:
+        real = kd.adapt
+        monkeypatch.setattr(kd, "adapt", lambda *a, **k: real(*a, **{**k, "recompute": False}))
+    api = FakeAPI(way=5, size=16)
+    model = meta_model(image_size=16)
+    torch.manual_seed(1)
+    out = kd_task(model, meta_params(model), api, Config(**{**SMALL, **kw}), MetaInput(16, 3, MEAN, STD),
+                  boundary=True, generator=gen(0))
+    out.loss.backward()
+    if keep_graph:
+        monkeypatch.undo()
+    return out, [p.grad.clone() for p in model.parameters()], torch.get_rng_state()
+
+
+@pytest.mark.parametrize("boundary_student", ["clean", "perturbed"])
+def test_lean_visit_gives_the_images_loss_meta_gradient_and_draws_of_the_full_one(boundary_student, monkeypatch):
+    lean, g_lean, rng_lean = _visit(boundary_student=boundary_student)
+    full, g_full, rng_full = _visit(keep_graph=True, monkeypatch=monkeypatch, boundary_student=boundary_student)
+    same = torch.equal if ON_CPU else (lambda a, b: torch.allclose(a, b, rtol=1e-4, atol=1e-6))
+    assert same(full.support[0], lean.support[0]) and same(full.query[0], lean.query[0])
+    assert torch.equal(full.support[1], lean.support[1]) and torch.equal(full.query[1], lean.query[1])
+    assert torch.equal(rng_full, rng_lean)                 # the same random draws, in the same order
+    assert same(full.loss.detach(), lean.loss.detach()) and full.acc == pytest.approx(lean.acc)
+    assert full.kl_before == pytest.approx(lean.kl_before, rel=1e-6)
+    assert all(g.abs().sum() > 0 for g in g_full)
+    if ON_CPU:      # the rebuilt graph is the very same computation
+        assert all(torch.equal(a, b) for a, b in zip(g_full, g_lean))
+    else:
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(g_full, g_lean))
+
+
+def test_first_order_and_no_inner_step_visits_are_unchanged(monkeypatch):
+    for kw in ({"approx": True}, {"inner_update_num_kd": 0}):
+        lean, g_lean, _ = _visit(**kw)
+        full, g_full, _ = _visit(keep_graph=True, monkeypatch=monkeypatch, **kw)
+        if ON_CPU:
+            assert torch.equal(full.loss.detach(), lean.loss.detach())
+        else:
+            assert torch.allclose(full.loss.detach(), lean.loss.detach(), rtol=1e-4, atol=1e-6)
+        rtol, atol = device_tol(1e-6, 1e-4), device_tol(1e-8, 1e-6)
+        assert all(torch.allclose(a, b, rtol=rtol, atol=atol) for a, b in zip(g_full, g_lean))
+
+
+def test_a_visit_hands_on_its_sets_with_absolute_classes_and_costs_exactly_its_queries():
+    api = random_api(classes=[3, 9, 11, 20, 40])
+    model = meta_model()
+    cfg = Config(**SMALL)
+    out = kd_task(model, meta_params(model), api, cfg, demo_prep(), boundary=True, generator=gen(0))
+    (sx, sy), (qx, qy) = out.support, out.query
+    assert sx.shape == (5 * 3, 3, 32, 32) and qx.shape == (5 * 2, 3, 32, 32)
+    assert sy.tolist() == [c for c in (3, 9, 11, 20, 40) for _ in range(3)]      # absolute class ids
+    assert qy.tolist() == [c for c in (3, 9, 11, 20, 40) for _ in range(2)]
+    assert not sx.requires_grad and 0 <= sx.min() and sx.max() <= 1
+    assert api.queries == visit_cost(cfg)                    # the budget check's count is exact
+    assert out.recovery_steps == 2 * 2 and 0.0 < out.api_confidence <= 1.0 and 0 <= out.acc <= 100
+    assert out.loss.requires_grad and out.kl_before >= 0
+    out.loss.backward()                                       # the outer loss reaches every meta parameter
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_the_boundary_term_is_used_when_asked_and_adv_is_positive(monkeypatch):
+    calls = []
+    real = kd.recover
+    monkeypatch.setattr(kd, "recover", lambda *a, **k: calls.append((k.get("student"), k.get("adv"))) or real(*a, **k))
+    model = meta_model(image_size=16)
+    for boundary, adv in ((True, 1.0), (False, 1.0), (True, 0.0)):
+        kd_task(model, meta_params(model), FakeAPI(way=5, size=16), Config(**{**SMALL, "adv": adv}),
+                MetaInput(16, 3, MEAN, STD), boundary=boundary, generator=gen(0))
+    support = calls[0::2]
+    query = calls[1::2]
+    assert all(s is None and not a for s, a in support)       # the support set: never
+    assert query[0][0] is not None and query[0][1] == 1.0
+    assert [q[0] for q in query[1:]] == [None, None] and [q[1] for q in query[1:]] == [0.0, 0.0]
+
+
+def test_visit_threads_apply_during_the_visit_only():
+    api = random_api()
+    seen = set()
+
+    class ThreadsSeen:      # the API, noting the torch threads each query runs with
+        def __getattr__(self, name):
+            return getattr(api, name)
+
+        def __call__(self, x):
+            seen.add(torch.get_num_threads())
+            return api(x)
+    model = meta_model()
+    with accel.cpu_threads(1):
+        kd_task(model, meta_params(model), ThreadsSeen(), Config(**{**SMALL, "visit_threads": 3}), demo_prep(),
+                boundary=True, generator=gen(0))
+        assert torch.get_num_threads() == 1
+    from accel.lanes import ZO_LANES
+    # --visit_threads in the main thread; on the CPU the zero-order blocks run in lanes of 3 // ZO_LANES threads
+    assert seen == ({3, max(1, 3 // ZO_LANES)} if ON_CPU else {3})
+
+
+def test_student_sees_at_most_one_recovered_set_per_forward(device):
+    seen = []
+    student = bounded_student(lambda x: (seen.append(x.shape[0]), x.sum((1, 2, 3))[:, None])[1], 15)
+    x = torch.rand(40, 3, 4, 4, device=device)
+    assert torch.equal(student(x), x.sum((1, 2, 3))[:, None])
+    assert seen == [15, 15, 10]
+    assert torch.equal(student(x[:15]), x[:15].sum((1, 2, 3))[:, None]) and seen[-1] == 15
+
+
+# ------------------------------------------------------------------ kd_augment
+
+def run_kd_task(monkeypatch, kd_augment: bool):
+    recovered, augmented = [], []
+    real_recover, real_aug = kd.recover, kd.random_crop_flip
+
+    def spy_recover(*a, **k):
+        out = real_recover(*a, **k)
+        recovered.append(out[0].clone())
+        return out
+
+    def spy_aug(x, **k):
+        out = real_aug(x, **k)
+        augmented.append((x, out.clone(), k.get("per")))
+        return out
+    monkeypatch.setattr(kd, "recover", spy_recover)
+    monkeypatch.setattr(kd, "random_crop_flip", spy_aug)
+    api = FakeAPI(size=16)
+    model = meta_model(way=3, image_size=16)
+    prep = MetaInput(16, 3, MEAN, STD)
+    cfg = Config(ZO=True, q=2, numsplit=1, num_sup_kd=2, num_qur_kd=3, inner_update_num_kd=1, generate_iterations=1,
+                 kd_augment=kd_augment)
+    out = kd_task(model, meta_params(model), api, cfg, prep, boundary=True, generator=gen())
+    return api, out, recovered, augmented
+
+
+def test_kd_sets_are_cropped_and_flipped_once_each(monkeypatch):
+    from dataset import normalize
+    api, out, recovered, augmented = run_kd_task(monkeypatch, kd_augment=True)
+    assert len(recovered) == 2 and len(augmented) == 2        # one draw for S, one for Q, per task
+    for (src, aug, per), rx in zip(augmented, recovered):
+        assert per == "batch" and torch.equal(src, rx)
+        target_call = normalize(aug, MEAN, STD)                # the API's targets are taken on S~ / Q~
+        assert any(c.shape == target_call.shape and torch.allclose(c, target_call, atol=1e-6) for c in api.calls)
+    # what the task hands on (the memory's images) is un-augmented
+    assert torch.equal(out.support[0], recovered[0]) and torch.equal(out.query[0], recovered[1])
+
+    api, out, recovered, augmented = run_kd_task(monkeypatch, kd_augment=False)
+    assert augmented == [] and len(recovered) == 2
+
+
+# ------------------------------------------------------------------ against a pretrained API
+
+def test_kd_task_inner_loop_fits_the_api_on_the_support_set(demo_pool, monkeypatch):
+    from synthesis import APIPool
+    torch.manual_seed(0)
+    pool = APIPool.load(demo_pool, "demo", "conv4", 5, 3, DEVICE)
+    api = pool.draw(np.random.default_rng(0))
+    model = meta_model()
+    # The inner loop's own objective: the KL to the API on the recovered support set. (The query-set KL
+    # after adaptation is no test: from one visit to a weak API it went up as often as down.)
+    fit = []
+    real_adapt = kd.adapt
+
+    def adapt_and_measure(model, params, x, p, loss_fn, steps, lr, **kw):
+        adapted = real_adapt(model, params, x, p, loss_fn, steps, lr, **kw)
+        with torch.no_grad():
+            fit.append([kd.kl_loss(kd.forward(model, w, x, kw.get("way")), p).item() for w in (params, adapted)])
+        return adapted
+    monkeypatch.setattr(kd, "adapt", adapt_and_measure)
+    cfg = Config(ZO=True, q=4, mu=0.005, numsplit=2, generate_iterations=3, num_sup_kd=4, num_qur_kd=4,
+                 inner_update_num_kd=10, inner_lr=0.01, adv=1.0)
+    out = kd_task(model, meta_params(model), api, cfg, demo_prep(), boundary=True, generator=gen(0))
+    (before, after), = fit
+    assert after < 0.5 * before                               # θ' fits the API on the support set
+    assert 0.0 < out.api_confidence <= 1.0                    # a probability, from the queries already made
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert pool.queries == visit_cost(cfg)

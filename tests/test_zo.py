@@ -1,0 +1,162 @@
+"""synthesis/zo.py: the zero-order estimate agrees with the true gradient of a known function, costs exactly
+q + 1 queries per image, and its directions depend on the generator alone (not on numsplit, threads, the
+memory layout or how the blocks run); the surrogate hands the estimate on to autograd."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import accel
+from synthesis.zo import surrogate, zo_grad
+
+from helpers import random_api
+
+pytestmark = pytest.mark.fast     # the fast tier, but for the tests marked slow
+
+
+def cosine(a, b):
+    return F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1)
+
+
+def smooth_loss(x):
+    """Per-image logistic + quadratic loss with a known autograd gradient."""
+    f = x.flatten(1)
+    w = torch.linspace(-1, 1, f.shape[1], dtype=f.dtype, device=f.device)
+    return F.softplus(-(f * w).sum(1)) + 0.3 * (f ** 2).sum(1)
+
+
+def true_grad(x):
+    x = x.clone().requires_grad_()
+    smooth_loss(x).sum().backward()
+    return x.grad
+
+
+def gen(device, seed):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def test_zo_aligns_with_true_gradient_in_low_dimension(device):
+    x = torch.randn(4, 1, 4, 4, device=device)      # d = 16
+    g, loss = zo_grad(smooth_loss, x, q=4000, mu=1e-3, numsplit=4, generator=gen(device, 0))
+    assert g.shape == x.shape
+    torch.testing.assert_close(loss, smooth_loss(x))
+    assert (cosine(g, true_grad(x)) > 0.9).all()
+
+
+def test_zo_is_unbiased_on_average(device):
+    # 400 independent estimates (q = 20 each) of one image's gradient: each is noisy (cosine well below 1),
+    # their mean is close to the true gradient (relative error ~ sqrt(d / (400 q)) ~ 0.05).
+    x = torch.randn(1, 1, 3, 4, device=device).expand(400, 1, 3, 4).contiguous()      # d = 12
+    g, _ = zo_grad(smooth_loss, x, q=20, mu=1e-3, numsplit=1, generator=gen(device, 1))
+    tg = true_grad(x[:1])[0]
+    assert cosine(g, tg.expand_as(g)).mean() < 0.95           # single estimates are noisy...
+    rel = (g.mean(0) - tg).norm() / tg.norm()
+    assert rel < 0.15, f"mean of 400 estimates is {rel:.3f} away from the true gradient (relative)"
+
+
+@pytest.mark.parametrize("q,numsplit", [(7, 1), (7, 3), (10, 5), (3, 8)])
+def test_zo_costs_q_plus_one_queries_per_image(q, numsplit, device):
+    seen = []
+
+    def loss_of(x):
+        seen.append(x.shape[0])
+        return x.flatten(1).sum(1)
+    x = torch.rand(6, 3, 4, 4, device=device)
+    zo_grad(loss_of, x, q=q, mu=0.01, numsplit=numsplit)
+    assert sum(seen) == (q + 1) * 6
+    assert seen[0] == 6 and all(n % 6 == 0 for n in seen)      # whole copies of the batch per call
+
+
+def test_zo_through_the_api_counts_exactly(device):
+    api = random_api(device=device)
+    target = torch.arange(5, device=device).repeat(2)
+    x = torch.rand(10, 3, 32, 32, device=device)
+    zo_grad(lambda xs: -torch.log(api(xs)[torch.arange(len(xs), device=device), target.repeat(len(xs) // 10)]),
+            x, q=9, mu=0.005, numsplit=4)
+    assert api.queries == (9 + 1) * 10
+
+
+def test_zo_refuses_bad_settings(device):
+    x = torch.rand(2, 3, 4, 4, device=device)
+    for q, mu in ((0, 0.01), (3, 0.0), (3, -1.0)):
+        with pytest.raises(ValueError, match="q >= 1 and mu > 0"):
+            zo_grad(smooth_loss, x, q=q, mu=mu, numsplit=1)
+
+
+def test_zo_same_result_for_any_numsplit_and_layout(device):
+    # float64: float32 rounding of L, amplified by d / (q mu) in the finite differences, would blur the check
+    x = torch.rand(6, 3, 8, 8, dtype=torch.float64, device=device)
+    dirs = torch.randn(12, 6, 3, 8, 8, dtype=torch.float64, device=device)
+    ref, l0 = zo_grad(smooth_loss, x, q=12, mu=1e-2, numsplit=1, directions=dirs)
+    for s in (3, 5):
+        g, l1 = zo_grad(smooth_loss, x, q=12, mu=1e-2, numsplit=s, directions=dirs)
+        torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(l1, l0)
+    # the same directions perturbing a channels-last batch (the layout recover() uses on the CPU)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    g_cl, _ = zo_grad(smooth_loss, x_cl, q=12, mu=1e-2, numsplit=5, directions=dirs)
+    torch.testing.assert_close(g_cl, ref, rtol=1e-9, atol=1e-9)
+    assert g_cl.is_contiguous(memory_format=torch.channels_last)        # stored like x
+
+
+def _perturbations(x, **kw):
+    """The perturbed images a zero-order step queries, as a set of rows (exact bytes), and its estimate."""
+    seen, calls = [], []
+
+    def loss_of(xs):
+        calls.append(1)
+        if len(calls) > 1:                  # the first call is L(x) itself
+            seen.append((xs.contiguous() - x.repeat(xs.shape[0] // x.shape[0], 1, 1, 1)).flatten(1).cpu())
+        return smooth_loss(xs)
+    g, _ = zo_grad(loss_of, x, **kw)
+    rows = torch.cat(seen)
+    return rows[rows[:, 0].argsort()], g      # in a fixed order, whichever block ran first
+
+
+def test_zo_seeded_directions_depend_on_the_generator_only(device):
+    """Each direction is drawn from its own seed (on every device): the same seed queries the same perturbed
+    images whatever numsplit, the number of blocks per chunk or whether blocks run at once (to the rounding of
+    the unit-norm scaling, computed per block: 1e-12 in float64, where another seed differs by 100%)."""
+    x = torch.rand(6, 3, 8, 8, dtype=torch.float64, device=device)
+    kw = dict(q=12, mu=1e-2)
+    ref, g_ref = _perturbations(x, numsplit=1, generator=gen(device, 3), **kw)
+    for numsplit in (3, 5, 12):
+        same, g = _perturbations(x, numsplit=numsplit, generator=gen(device, 3), **kw)
+        torch.testing.assert_close(same, ref, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9)      # only the sums' order differs
+    with accel.zo_lanes(1):
+        torch.testing.assert_close(_perturbations(x, numsplit=2, generator=gen(device, 3), **kw)[0], ref,
+                                   rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(_perturbations(x, numsplit=2, generator=gen(device, 3), concurrent=False, **kw)[0],
+                               ref, rtol=1e-12, atol=1e-15)
+    assert torch.equal(_perturbations(x, numsplit=1, generator=gen(device, 3), **kw)[0], ref)   # a rerun: the same bits
+    other, _ = _perturbations(x, numsplit=1, generator=gen(device, 4), **kw)
+    assert (other - ref).abs().max() > 0.1 * ref.abs().max()
+
+
+@pytest.mark.cpu_only("lanes (two blocks of directions at once, in two threads) are the CPU's")
+def test_zo_lanes_give_the_estimate_of_one_thread():
+    """Two blocks of directions at once in two threads, through a real API in float32: the same
+    estimate, bit for bit, and the same query count as one block at a time on one thread."""
+    api = random_api(device="cpu")
+    target = torch.arange(5).repeat(3)
+    x = torch.rand(15, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+
+    def estimate(concurrent: bool, threads: int):
+        with accel.cpu_threads(threads):
+            return zo_grad(lambda xs: -torch.log(api(xs)[torch.arange(len(xs)), target.repeat(len(xs) // 15)]),
+                           x, q=12, mu=0.005, numsplit=3, generator=torch.Generator().manual_seed(0),
+                           concurrent=concurrent)
+    (g1, l1), q1 = estimate(False, 1), api.queries
+    (g2, l2), q2 = estimate(True, 2), api.queries - q1
+    assert q1 == q2 == 13 * 15
+    assert torch.equal(g1, g2) and torch.equal(l1, l2) and g1.abs().sum() > 0
+
+
+def test_surrogate_hands_the_estimate_to_autograd(device):
+    x = torch.rand(5, 3, 4, 4, device=device, requires_grad=True)
+    g = torch.randn(5, 3, 4, 4, device=device, requires_grad=True)
+    (dx, dg) = torch.autograd.grad(surrogate(x, g), (x, g), allow_unused=True)
+    torch.testing.assert_close(dx, g.detach() / 5)
+    assert dg is None                                                   # the estimate is a constant
