@@ -106,6 +106,9 @@ class Config:
     boundary_student: str = _kd("clean", "boundary term's student: clean (once per step, as the original) | perturbed",
                                 choices=("clean", "perturbed"))
     kd_augment: bool = _kd(True, "one crop/flip of each recovered set before KD (as the original)")
+    kd_loss: str = _kd("original", "loss of the KD inner and outer loops: original (kl_div(softmax(student), "
+                                   "softmax(API)), averaged over images and classes, as the original) | kl (a proper "
+                                   "KL(API || student), averaged over images)", choices=("original", "kl"))
     advstartit: int = _kd(-1, "boundary query sets once this many meta-iterations have passed", low=None)
     # the API pool and data recovery
     way_pretrain: int = _pool(5, "classes per API", low=2, entry=PS)
@@ -127,6 +130,17 @@ class Config:
     replay_augment: bool = _pool(False, "random crop/flip of replayed images (off, as in the original)")
     inversion_augment: str = _pool("batch", "inversion crop/flip: batch (one per step, as the original) | image",
                                    choices=("batch", "image"))
+    keep_best: str = _pool("batch", "recovered images kept: batch (the whole batch of the step whose objective was "
+                                    "lowest, as the original) | image (each image at its own best step)",
+                           choices=("batch", "image"))
+    api_output: str = _pool("logits", "what a black-box API answers: logits (as the original's; the cross-entropy and "
+                                      "the boundary term's L1 are on them) | probs (class probabilities, as a service)",
+                            choices=("logits", "probs"))
+    memory_quantize: str = _pool("truncate", "the task memory's 8-bit pixels: truncate (as the original's PNG files) "
+                                             "| round", choices=("truncate", "round"))
+    mh_generator: str = _pool("shared", "API-MH: one 84x84 generator for every visit, a 32x32 API seeing a random "
+                                        "32x32 window of its images (as the original) | per_api (each API's size)",
+                              choices=("shared", "per_api"))
     # zero-order optimisation
     ZO: bool = _zo(False, "black box: zero-order gradient estimates (--no-ZO: the white-box ablation)", entry=S)
     mu: float = _zo(0.005, "smoothing radius of the finite differences", above=0, entry=S)

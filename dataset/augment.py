@@ -13,8 +13,9 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def random_crop_flip(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None,
-                     per: str = "image") -> torch.Tensor:
-    """Random crop after zero padding by `pad` pixels, then random horizontal flip.
+                     per: str = "image", size: int | None = None) -> torch.Tensor:
+    """Random crop (size x size, default the image's own) after zero padding by `pad` pixels, then random
+    horizontal flip.
 
     per="image": an offset and a coin flip drawn for each image; one gather does both (row/column
     indices per image, the flip reverses the column indices).
@@ -24,12 +25,13 @@ def random_crop_flip(x: torch.Tensor, pad: int = 4, generator: torch.Generator |
     """
     if per not in ("image", "batch"):
         raise ValueError(f"random_crop_flip: per must be 'image' or 'batch', got {per!r}")
-    b, _, h, w = x.shape
+    b, _, full_h, full_w = x.shape
+    h, w = (size, size) if size else (full_h, full_w)
     dev = x.device
     xp = F.pad(x, (pad, pad, pad, pad))
     k = b if per == "image" else 1
-    oy = torch.randint(0, 2 * pad + 1, (k, 1), device=dev, generator=generator)
-    ox = torch.randint(0, 2 * pad + 1, (k, 1), device=dev, generator=generator)
+    oy = torch.randint(0, full_h + 2 * pad - h + 1, (k, 1), device=dev, generator=generator)
+    ox = torch.randint(0, full_w + 2 * pad - w + 1, (k, 1), device=dev, generator=generator)
     flip = torch.rand(k, 1, device=dev, generator=generator) < 0.5
     rows = oy + torch.arange(h, device=dev)
     cols_fwd = torch.arange(w, device=dev).expand(k, w)

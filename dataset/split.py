@@ -1,9 +1,11 @@
 """Read a prepared split (DFL2Ldata/<folder>/split/<split>.csv) and serve its images.
 
 CSV format (written by the write_*_filelist.py scripts): header `filename,label`, one row per
-image, `filename` relative to the data root, `label` the class folder name. Rows are sorted by
-class then file, and class ids are the positions of the class names in sorted order, so ids never
-depend on file-system order. Images are decoded lazily, once, into a uint8 array.
+image, `filename` relative to the data root, `label` the class folder name. Class ids are in the order
+of the classes' first rows, and a class's images in the order of their rows, as the original reads
+its CSVs: our scripts sort classes and files, so ids never depend on file-system order, while a split
+written by the original's scripts (file-system order) gives the ids its API pools name. Images are
+decoded lazily, once, into a uint8 array.
 """
 from __future__ import annotations
 
@@ -96,7 +98,7 @@ def load_split(data_root: str, spec: DatasetSpec, split: str) -> SplitData:
                         f"{os.path.join(data_root, spec.folder)} (docs/datasets.md) and running "
                         f"`{spec.filelist_script} --data_root {data_root}`")
     files, names = read_split_csv(path)
-    class_names = sorted(set(names))
+    class_names = list(dict.fromkeys(names))       # in order of first appearance
     ids = {n: k for k, n in enumerate(class_names)}
     labels = np.array([ids[n] for n in names], dtype=np.int64)
     return SplitData(spec, split, data_root, files, labels, class_names)

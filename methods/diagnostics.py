@@ -23,7 +23,7 @@ def class_diversity(x: torch.Tensor, labels: torch.Tensor) -> dict[int, float]:
 def log_visit(tb, r: dict, task_id: int, visits: int, queries: int) -> None:
     """One finished visit's record (methods/meta_train.py `visit`) as TensorBoard scalars and images."""
     tb.add_scalar("kd/kl_query_before_inner", r["kl_before"], task_id)
-    tb.add_scalar("kd/kl_query_after_inner", r["loss"], task_id)
+    tb.add_scalar("kd/outer_loss", r["loss"], task_id)
     tb.add_scalar("kd/acc_query", r["acc"], task_id)
     tb.add_scalar("kd/api_confidence", r["api_confidence"], task_id)
     (sx, sy), (qx, qy) = r["support"], r["query"]

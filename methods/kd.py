@@ -2,10 +2,15 @@
 
     support set S  = recover(API, num_sup_kd per class)                    (data-free)
     S~             = A(S)                              (kd_augment: one crop/flip draw for the set)
-    θ'             = θ − α ∇ KL(API(S~) || f_θ(S~))    (inner_update_num_kd steps)
+    θ'             = θ − α ∇ D(API(S~), f_θ(S~))       (inner_update_num_kd steps)
     query set Q    = recover(API, num_qur_kd per class, boundary term with f_θ' fixed)
     Q~             = A(Q)                              (another draw)
-    outer loss     = KL(API(Q~) || f_θ'(Q~))          (differentiable w.r.t. θ)
+    outer loss     = D(API(Q~), f_θ'(Q~))             (differentiable w.r.t. θ)
+
+D (kd_loss): "original", the original's F.kl_div(softmax(f), p), i.e. mean_{i,c} p_c (log p_c − softmax(f)_c)
+over images and classes (softmax outputs where log-probabilities belong); "kl", KL(p ‖ softmax(f)) averaged
+over images. p: the API's probabilities. API-MH with one shared generator (mh_generator "shared", the
+original): the sets are recovered at the meta model's size and A crops a window of the API's size.
 
 The memory (methods/memory.py) later receives S and Q un-augmented. With second-order MAML the inner
 loop keeps no step's graph (maml.adapt's recompute): the query set is recovered while no graph is
@@ -19,9 +24,12 @@ import torch
 from torch import nn
 
 import accel
+import torch.nn.functional as F
+
 from core.config import Config, recovery_steps
-from dataset import normalize, random_crop_flip
+from dataset import MIX_IMAGE_SIZE, normalize, random_crop_flip, resize
 from network.generator import LATENT_DIM
+from synthesis.api import probabilities
 from synthesis.recover import recover
 
 from .maml import Params, Prep, adapt, forward, hits, kl_loss, percent
@@ -50,13 +58,22 @@ def bounded_student(fn, chunk: int):
 
 def api_probs(api, x01: torch.Tensor) -> torch.Tensor:
     """The API's class probabilities on images in [0, 1] (normalised with its dataset's stats)."""
-    return api(normalize(x01, api.spec.mean, api.spec.std)).detach()
+    return probabilities(api, api(normalize(x01, api.spec.mean, api.spec.std))).detach()
 
 
-def augment_set(x01: torch.Tensor, on: bool, generator: torch.Generator | None) -> torch.Tensor:
+def augment_set(x01: torch.Tensor, on: bool, generator: torch.Generator | None, size: int) -> torch.Tensor:
     """One random crop/flip draw shared by the whole recovered set (as torchvision's transforms
-    treat a batched tensor in the original); the API's targets are then taken on these images."""
-    return random_crop_flip(x01, generator=generator, per="batch") if on else x01
+    treat a batched tensor in the original), of the API's image size; the API's targets are then taken
+    on these images. Off: the images as they are (resized to the API's size if they are not)."""
+    return random_crop_flip(x01, generator=generator, per="batch", size=size) if on else resize(x01, size)
+
+
+def original_kd_loss(logits: torch.Tensor, api_probs: torch.Tensor) -> torch.Tensor:
+    """The original's F.kl_div(softmax(f(x)), p): mean over images and classes of p_c (log p_c − softmax(f)_c)."""
+    return F.kl_div(F.softmax(logits, dim=-1), api_probs, reduction="none").mean()
+
+
+KD_LOSSES = {"original": original_kd_loss, "kl": kl_loss}
 
 
 def kd_task(model: nn.Module, params: Params, api, cfg: Config, prep: Prep, *, boundary: bool,
@@ -74,20 +91,22 @@ def _visit(model, params, api, cfg: Config, prep: Prep, boundary: bool, generato
     way = len(api.classes)
     classes = torch.as_tensor(api.classes, dtype=torch.long)
     device = getattr(api, "device", "cpu")
+    size = MIX_IMAGE_SIZE if cfg.mh and cfg.mh_generator == "shared" else api.spec.image_size
+    loss_fn = KD_LOSSES[cfg.kd_loss]
 
     def recover_set(kind: str, per_class: int, **kw):
         if meta_generator is None:
-            return recover(api, per_class, cfg, generator=generator, **kw)
+            return recover(api, per_class, cfg, generator=generator, image_size=size, **kw)
         final = {}
         init = meta_generator.start(kind, api.classes, per_class, LATENT_DIM, device, generator)
-        out = recover(api, per_class, cfg, generator=generator, init=init, final=final, **kw)
+        out = recover(api, per_class, cfg, generator=generator, image_size=size, init=init, final=final, **kw)
         meta_generator.update(kind, api.classes, final)
         return out
 
     sx, sy = recover_set("support", cfg.num_sup_kd)
-    sxa = augment_set(sx, cfg.kd_augment, generator)
+    sxa = augment_set(sx, cfg.kd_augment, generator, api.spec.image_size)
     sp = api_probs(api, sxa)
-    adapted = adapt(model, params, prep(sxa), sp, kl_loss, cfg.inner_update_num_kd, cfg.inner_lr,
+    adapted = adapt(model, params, prep(sxa), sp, loss_fn, cfg.inner_update_num_kd, cfg.inner_lr,
                     way=way, first_order=cfg.approx, recompute=not cfg.approx)
 
     student, adv = None, 0.0
@@ -97,11 +116,11 @@ def _visit(model, params, api, cfg: Config, prep: Prep, boundary: bool, generato
                                   way * cfg.num_qur_kd)
         adv = cfg.adv
     qx, qy = recover_set("query", cfg.num_qur_kd, student=student, adv=adv)
-    qxa = augment_set(qx, cfg.kd_augment, generator)
+    qxa = augment_set(qx, cfg.kd_augment, generator, api.spec.image_size)
     qp = api_probs(api, qxa)
     q_in = prep(qxa)
     logits = forward(model, adapted, q_in, way)
-    loss = kl_loss(logits, qp)
+    loss = loss_fn(logits, qp)
     with torch.no_grad():
         kl_before = kl_loss(forward(model, params, q_in, way), qp).item()
     # What the API says of its recovered images (probabilities already queried: no extra query).

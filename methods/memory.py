@@ -3,8 +3,8 @@
 Each `add` stores, for every class it contains, one batch (one synthesis) in that class's ring
 buffer of at most `max_batch_per_class` batches; the oldest batch is dropped first. Tasks are
 drawn across *all* stored classes, so classes of different APIs meet in one task. Images are kept
-as 8-bit pixels at the meta model's input size (the original wrote PNGs: same quantisation, a
-quarter of float32's memory); API-MH images are resized on the way in.
+as 8-bit pixels at the meta model's input size, a quarter of float32's memory: truncated as the
+original's PNG files were (quantize "truncate"), or rounded; API-MH images are resized on the way in.
 
 On disk (a run's checkpoint) the memory is a folder of append-only batch files plus an index:
 
@@ -53,9 +53,12 @@ def _fsync_dir(folder: str) -> None:
 
 
 class TaskMemory:
-    def __init__(self, max_batch_per_class: int = 20, image_size: int = 32):
+    def __init__(self, max_batch_per_class: int = 20, image_size: int = 32, quantize: str = "round"):
         if max_batch_per_class < 1:
             raise FlagError(f"max_batch_per_class must be at least 1, got {max_batch_per_class}")
+        if quantize not in ("round", "truncate"):
+            raise ValueError(f"memory_quantize must be round or truncate, got {quantize!r}")
+        self.quantize = quantize
         self.max_batch_per_class = int(max_batch_per_class)
         self.image_size = int(image_size)
         self._store: dict[int, deque] = {}     # class -> deque of (batch id, uint8 images)
@@ -70,7 +73,8 @@ class TaskMemory:
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"TaskMemory.add: {images.shape[0]} images but {labels.shape[0]} labels")
         x = resize(images.detach().float(), self.image_size).cpu()
-        pixels = x.clamp(0, 1).mul(255).round().to(torch.uint8)
+        pixels = x.clamp(0, 1).mul(255)
+        pixels = (pixels.round() if self.quantize == "round" else pixels).to(torch.uint8)     # else: truncated
         if self._store:
             c_have = next(iter(self._store.values()))[0][1].shape[1]
             if pixels.shape[1] != c_have:

@@ -114,12 +114,12 @@ def open_pool(run: Run) -> None:
     cfg = run.cfg
     # White-box (no --ZO, the ablation): the generator back-propagates through the API.
     run.pool = APIPool.load(cfg.pretrained_path_prefix, cfg.dataset, cfg.pre_backbone, cfg.way_pretrain, cfg.APInum,
-                            run.device, white_box=not cfg.ZO, budget=cfg.query_budget,
+                            run.device, white_box=not cfg.ZO, budget=cfg.query_budget, output=cfg.api_output,
                             say=None if run.procs.is_main else (lambda m: None))
     if cfg.way_train > len(run.pool.classes):
         raise FlagError(f"way_train {cfg.way_train} exceeds the {len(run.pool.classes)} classes the API pool "
                         "covers; lower way_train or pretrain more APIs")
-    run.memory = TaskMemory(cfg.max_batch_per_class, image_size=run.prep.size)
+    run.memory = TaskMemory(cfg.max_batch_per_class, image_size=run.prep.size, quantize=cfg.memory_quantize)
     if cfg.meta_generator:
         from synthesis.meta_generator import MetaGenerator
         run.meta_generator = MetaGenerator(lr=cfg.meta_generator_lr)

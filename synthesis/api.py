@@ -1,7 +1,8 @@
 """The black-box boundary: an API is something you can query, nothing more.
 
 `BlackBoxAPI` turns a pretrained classifier into a function normalized images -> class
-probabilities. In black-box mode the forward runs without autograd, so no gradient can ever
+scores: probabilities (what a black-box service answers) or logits (what the original's API answers,
+its network itself; `output`). In black-box mode the forward runs without autograd, so no gradient can ever
 reach the weights or flow back to the caller; every queried image is counted, and an optional
 budget stops the run with one clear line. The model itself lives only inside a closure: the
 object has no `.model`, no `.parameters()`, no `state_dict()`. How that closure computes the
@@ -52,21 +53,28 @@ class QueryMeter:
 
 # ----------------------------------------------------------------------------- the wrapper
 
+OUTPUTS = ("probs", "logits")
+
+
 class BlackBoxAPI:
-    """A pretrained classifier seen as a black box: normalized images [B, C, S, S] -> probabilities [B, way].
+    """A pretrained classifier seen as a black box: normalized images [B, C, S, S] -> scores [B, way],
+    class probabilities (output "probs") or the logits they are the softmax of (output "logits").
 
     classes: absolute class id of each output (in the run's label space; API-MH adds the dataset's
         label_offset). spec: the API's dataset (image size, channels, mean/std for `dataset.normalize`).
     queries: images queried through this API. budget: the query budget of its meter (None: no limit).
-    white_box=True (ablation without --ZO only): the returned probabilities are differentiable with
-    respect to the input images; the weights stay frozen and hidden either way.
+    white_box=True (ablation without --ZO only): the returned scores are differentiable with respect to
+    the input images; the weights stay frozen and hidden either way.
     speed: options of accel.api_forward (benchmarks compare its fast and plain forms); none: the fast one.
     """
 
     def __init__(self, model: nn.Module, classes, spec: DatasetSpec, arch: str, *, device="cpu",
                  white_box: bool = False, budget: int | None = None, meter: QueryMeter | None = None,
-                 key: str | None = None, speed: dict | None = None):
+                 key: str | None = None, speed: dict | None = None, output: str = "probs"):
+        if output not in OUTPUTS:
+            raise ValueError(f"an API answers {' or '.join(OUTPUTS)}, not {output!r}")
         self.classes = [int(c) for c in classes]
+        self.output = output
         self.spec = spec
         self.arch = arch
         self.device = torch.device(device)
@@ -99,16 +107,18 @@ class BlackBoxAPI:
                              f"got {tuple(x.shape)}")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """p(y | x) for each image: softmax of the hidden model's logits. Counts x.shape[0] queries."""
+        """The scores of each image: p(y | x), the softmax of the hidden model's logits, or those logits
+        (output). Counts x.shape[0] queries."""
         self._check(x)
         self._meter.charge(self.key, x.shape[0])
         x = x.to(self.device)
         t0 = time.perf_counter() if self.timing else 0.0
+        answer = (lambda z: z) if self.output == "logits" else (lambda z: F.softmax(z, dim=1))
         if self.white_box:
-            probs = F.softmax(self.__logits(x), dim=1)
+            probs = answer(self.__logits(x))
         else:
             with torch.inference_mode():
-                probs = F.softmax(self.__logits(x.detach()), dim=1)
+                probs = answer(self.__logits(x.detach()))
             probs = probs.clone()   # a normal tensor again (inference tensors cannot join autograd later)
         if self.timing:
             if x.device.type == "cuda":
@@ -123,7 +133,7 @@ class BlackBoxAPI:
                 + (f", budget={self.budget}" if self.budget is not None else "") + ")")
 
 
-def load_api(path: str, device="cpu", *, label_offset: int = 0, white_box: bool = False,
+def load_api(path: str, device="cpu", *, label_offset: int = 0, white_box: bool = False, output: str = "probs",
              meter: QueryMeter | None = None, budget: int | None = None, compile: bool = False,
              expect: dict | None = None) -> BlackBoxAPI:
     """Open one API file (synthesis.store) as a black box.
@@ -137,5 +147,10 @@ def load_api(path: str, device="cpu", *, label_offset: int = 0, white_box: bool 
     model, meta = load_model(path, expect)      # an original-format file needs expect["dataset"]
     key = f"{meta['dataset']}/{meta['arch']}/{meta.get('index', path)}"
     return BlackBoxAPI(model, [c + label_offset for c in meta["classes"]], get_spec(meta["dataset"]), meta["arch"],
-                       device=device, white_box=white_box, meter=meter, budget=budget, key=key,
+                       device=device, white_box=white_box, meter=meter, budget=budget, key=key, output=output,
                        speed={"compile": True} if compile else None)
+
+
+def probabilities(api, scores: torch.Tensor) -> torch.Tensor:
+    """An API's answer as class probabilities, whichever it gives."""
+    return F.softmax(scores, dim=1) if getattr(api, "output", "probs") == "logits" else scores

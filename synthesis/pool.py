@@ -51,7 +51,7 @@ class APIPool:
     """Draws APIs by the scenario's rules. Build with APIPool.load(...)."""
 
     def __init__(self, groups: dict[tuple[str, str], list[APIEntry]], device, *, mix: bool,
-                 white_box: bool = False, budget: int | None = None, cache_size: int = 8,
+                 white_box: bool = False, budget: int | None = None, cache_size: int = 8, output: str = "probs",
                  compile: bool = False):
         self.groups = groups
         self.datasets = sorted({d for d, _ in groups}, key=lambda d: (d not in MIX_DATASETS, d))
@@ -59,6 +59,7 @@ class APIPool:
         self.mix = mix
         self.device = torch.device(device)
         self.white_box = white_box
+        self.output = output
         self.compile = compile
         self.meter = QueryMeter(budget=budget)
         self.cache_size = max(1, cache_size)
@@ -67,7 +68,7 @@ class APIPool:
     # -- opening
     @classmethod
     def load(cls, prefix: str, dataset: str, arch: str, way: int, api_num: int, device,
-             white_box: bool = False, budget: int | None = None, *, cache_size: int = 8,
+             white_box: bool = False, budget: int | None = None, *, cache_size: int = 8, output: str = "probs",
              compile: bool = False, say=None) -> "APIPool":
         """Open the pool(s) a scenario needs. dataset 'mix' (API-MH) implies every arch is mixed too.
 
@@ -102,7 +103,7 @@ class APIPool:
             how = "; then ".join(f"`{c}`" for _, c in missing)
             raise PoolError(f"no pretrained APIs in {where}; make them with {how} "
                             "(or pass the right --pretrained_path_prefix)")
-        return cls(groups, device, mix=mix, white_box=white_box, budget=budget, cache_size=cache_size,
+        return cls(groups, device, mix=mix, white_box=white_box, budget=budget, cache_size=cache_size, output=output,
                    compile=compile)
 
     # -- what is in it
@@ -154,7 +155,7 @@ class APIPool:
             self._cache.move_to_end(key)
             return self._cache[key]
         spec_offset = get_spec(e.dataset).label_offset if self.mix else 0
-        api = load_api(e.path, self.device, label_offset=spec_offset, white_box=self.white_box,
+        api = load_api(e.path, self.device, label_offset=spec_offset, white_box=self.white_box, output=self.output,
                        expect={"dataset": e.dataset, "arch": e.arch},
                        meter=self.meter, compile=self.compile)
         self._cache[key] = api

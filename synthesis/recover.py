@@ -6,6 +6,9 @@ betas (0.5, 0.999)), so that the API assigns G(z) to its target class:
     x = G(z);  x~ = random_crop_flip(x);  n = normalize(x~)
     l_i = CE(API(n_i), y_i)  [- adv m_i D(API(n_i), s_i)],   s = f(x~) the fixed adapted student
 
+The API answers logits (api_output "logits", as the original's: CE and the L1 distance D on logits) or
+probabilities ("probs": CE = -log p_y, D the L1 distance of the probability vectors).
+
 Black-box (ZO): dl/dn is estimated with zo_grad around the normalised batch n (zo_space "normalized",
 mu in normalised units), mapped to dl/dx~ = dl/dn / std per channel, and handed to G and z through the
 surrogate <x~, stopgrad(g)>. zo_space "pixel" perturbs x~ instead.
@@ -13,7 +16,11 @@ White-box (no ZO, the ablation): plain autograd through the API.
 boundary_student "clean": s is computed once per step on the clean batch, without a graph, and shared
 by every perturbed copy; "perturbed": the student sees each perturbed copy (and, white-box, the
 gradient flows through it).
-Each image keeps the step at which its own loss l_i on the unperturbed batch was lowest.
+keep_best "batch" (the original) keeps the whole batch of the step whose objective (the scalar minimised,
+for ZO the surrogate in the space perturbed) was lowest; "image" keeps each image at the step where its
+own loss l_i on the unperturbed batch was lowest.
+API-MH with one shared generator (the original): G makes images of the meta model's size and an API of
+another size sees a random window of its own size (random_crop_flip's size).
 """
 from __future__ import annotations
 
@@ -33,19 +40,24 @@ from .zo import surrogate, zo_grad
 EPS = 1e-12     # keeps log p finite when the API is certain
 
 
-def per_image_loss(probs: torch.Tensor, target: torch.Tensor, student_logits: torch.Tensor | None = None,
-                   adv: float = 0.0, distance: str = "l1") -> torch.Tensor:
-    """CE(p, y) - adv * m * D(p, softmax(student)), per image; m = 1 where both predict the same class.
+def per_image_loss(scores: torch.Tensor, target: torch.Tensor, student_logits: torch.Tensor | None = None,
+                   adv: float = 0.0, distance: str = "l1", logits: bool = False) -> torch.Tensor:
+    """CE(scores, y) - adv * m * D(scores, student), per image; m = 1 where both predict the same class.
 
-    D: 'l1' = sum |p - s| (black-box path), 'kl' = KL(p || s) (white-box path).
+    scores: the API's probabilities, or its logits (logits=True: CE from them, and D compares logits).
+    D: 'l1' = sum |a - s| (black-box path), 'kl' = KL(p || softmax(s)) (white-box path, on probabilities).
     """
-    loss = -torch.log(probs.gather(1, target[:, None]).squeeze(1) + EPS)
+    if logits:
+        loss = F.cross_entropy(scores, target, reduction="none")
+    else:
+        loss = -torch.log(scores.gather(1, target[:, None]).squeeze(1) + EPS)
     if student_logits is not None and adv > 0:
         s_logp = F.log_softmax(student_logits, dim=1)
-        agree = (probs.argmax(1) == s_logp.argmax(1)).to(probs.dtype)
+        agree = (scores.argmax(1) == s_logp.argmax(1)).to(scores.dtype)
         if distance == "l1":
-            dist = (probs - s_logp.exp()).abs().sum(1)
+            dist = ((scores - student_logits) if logits else (scores - s_logp.exp())).abs().sum(1)
         else:
+            probs = F.softmax(scores, dim=1) if logits else scores
             dist = (probs * (torch.log(probs + EPS) - s_logp)).sum(1)
         loss = loss - adv * agree * dist
     return loss
@@ -53,13 +65,15 @@ def per_image_loss(probs: torch.Tensor, target: torch.Tensor, student_logits: to
 
 def recover(api, per_class: int, cfg: Config, *, steps: int | None = None, student=None, adv: float = 0.0,
             generator: torch.Generator | None = None, init: dict | None = None, final: dict | None = None,
-            progress: bool = False, stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            progress: bool = False, stats: dict | None = None,
+            image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Recover `per_class` images for each of the API's classes.
 
     api: BlackBoxAPI (or anything with .spec, .classes, .device and __call__ on normalized images).
     cfg: the settings read here: ZO, q, mu, numsplit (the estimator), Glr, zo_space, inversion_augment,
-        boundary_student; steps defaults to its recovery steps (generate_iterations, or
+        boundary_student, keep_best; steps defaults to its recovery steps (generate_iterations, or
         meta_generator_steps with meta_generator).
+    image_size: the size G makes images at (default the API's; larger: the API sees a random window).
     student: images in [0, 1] -> logits [B, way], the fixed adapted meta model f_theta'; used when adv > 0.
     generator: torch.Generator on the API's device for z, augmentation and ZO directions
         (the generator network's initial weights come from the global RNG).
@@ -67,7 +81,8 @@ def recover(api, per_class: int, cfg: Config, *, steps: int | None = None, stude
         instead of fresh weights and codes (synthesis/meta_generator.py); fresh ones are drawn anyway.
     final: if a dict is given, filled with {"generator": G's final state_dict, "z": the final codes}.
     stats: if a dict is given, filled with {"best_loss": mean of the kept images' losses, "final_loss"}.
-    Returns (images [way*per_class, C, S, S] in [0, 1], pre-augmentation; relative labels, grouped by class).
+    Returns (images [way*per_class, C, image_size, image_size] in [0, 1], pre-augmentation; relative labels,
+    grouped by class).
     """
     if not cfg.ZO and not getattr(api, "white_box", True):
         raise ValueError("white-box recovery (ZO off) needs an API opened with white_box=True; a black-box API "
@@ -80,8 +95,10 @@ def recover(api, per_class: int, cfg: Config, *, steps: int | None = None, stude
     use_student = student is not None and adv > 0
     clean_student = use_student and cfg.boundary_student == "clean"
     normalized = cfg.zo_space == "normalized"
+    logits = getattr(api, "output", "probs") == "logits"
+    size = image_size or spec.image_size
 
-    G = network.build("generator", image_size=spec.image_size, channels=spec.channels).to(device)
+    G = network.build("generator", image_size=size, channels=spec.channels).to(device)
     G.reset()
     G.train()
     G = accel.fast_layout(G)
@@ -118,10 +135,11 @@ def recover(api, per_class: int, cfg: Config, *, steps: int | None = None, stude
             # One perturbed copy at a time: a batch-statistics student then normalises with (nearly)
             # the clean batch's statistics whatever numsplit is, in 1/k of the memory.
             s_logits = torch.cat([student_logits(c) for c in x01.split(n)])
-        return per_image_loss(probs, target.repeat(k), s_logits, adv, "l1")
+        return per_image_loss(probs, target.repeat(k), s_logits, adv, "l1", logits)
 
     best_loss = torch.full((n,), float("inf"), device=device)
-    best_x = torch.zeros(n, spec.channels, spec.image_size, spec.image_size, device=device)
+    best_x = torch.zeros(n, spec.channels, size, size, device=device)
+    best_objective = float("inf")
     loss = best_loss
     it = range(steps)
     if progress:
@@ -129,7 +147,7 @@ def recover(api, per_class: int, cfg: Config, *, steps: int | None = None, stude
         it = tqdm(it, desc=f"recover {spec.name}/{getattr(api, 'arch', '?')}", leave=False)
     for _ in it:
         x = G(z)
-        xa = random_crop_flip(x, generator=generator, per=cfg.inversion_augment)
+        xa = random_crop_flip(x, generator=generator, per=cfg.inversion_augment, size=spec.image_size)
         if cfg.ZO:
             xd = xa.detach()
             s_clean = student_logits(xd) if clean_student else None
@@ -137,6 +155,7 @@ def recover(api, per_class: int, cfg: Config, *, steps: int | None = None, stude
             # a perturbed-image student runs functional_call on the meta model: not thread-safe
             g, loss = zo_grad(lambda xs: loss_of(xs, s_clean, normalized), xin, cfg.q, cfg.mu, cfg.numsplit,
                               generator=generator, concurrent=not use_student or clean_student)
+            value = (xin.flatten(1) * g.flatten(1)).sum(1).mean() if cfg.keep_best == "batch" else None
             if normalized:
                 g = g * inv_std
             objective = surrogate(xa, g)
@@ -148,12 +167,17 @@ def recover(api, per_class: int, cfg: Config, *, steps: int | None = None, stude
                     s_logits = student(xa)
             elif use_student:
                 s_logits = student(xa)
-            per_img = per_image_loss(probs, target, s_logits, adv, "kl")
+            per_img = per_image_loss(probs, target, s_logits, adv, "kl", logits)
             objective, loss = per_img.mean(), per_img.detach()
+            value = objective
         with torch.no_grad():
-            better = loss < best_loss
-            best_loss = torch.where(better, loss, best_loss)
-            best_x = torch.where(better[:, None, None, None], x.detach(), best_x)
+            if cfg.keep_best == "batch":        # the surrogate's value, in the space it was estimated in
+                if float(value) < best_objective:
+                    best_objective, best_loss, best_x = float(value), loss, x.detach()
+            else:
+                better = loss < best_loss
+                best_loss = torch.where(better, loss, best_loss)
+                best_x = torch.where(better[:, None, None, None], x.detach(), best_x)
         # autograd.grad, not backward(): nothing outside G and z (e.g. a student's graph) gets gradients.
         grads = torch.autograd.grad(objective, params)
         for p, gp in zip(params, grads):

@@ -59,7 +59,7 @@ def test_flags_and_visit_cost():
 class StrictBlackBox:
     """Only probabilities come out: inputs that need a gradient are refused, outputs are detached, and
     any other attribute (weights, parameters(), state_dict(), .model) raises."""
-    _PUBLIC = ("spec", "classes", "device", "white_box", "queries")
+    _PUBLIC = ("spec", "classes", "device", "white_box", "queries", "output")
 
     def __init__(self, spec, classes, seed=0):
         torch.manual_seed(seed)
@@ -72,6 +72,7 @@ class StrictBlackBox:
         object.__setattr__(self, "classes", list(classes))
         object.__setattr__(self, "device", torch.device("cpu"))
         object.__setattr__(self, "white_box", False)
+        object.__setattr__(self, "output", "probs")
         object.__setattr__(self, "queries", 0)
 
     def __getattribute__(self, name):
