@@ -4,7 +4,7 @@ project's earlier variants together, and the improved recipe.
     python -m experiments.ablation                       # every row (bash scriptskd/ablation.sh does this)
     python -m experiments.ablation --rows faithful,init_torch --jobs 2 --out runs/ablation
 
-Each row is `main.py --preset demo <its flags>` (400 tasks, model chosen on meta_val), then a 600-task
+Each row is `main.py --preset demo <its flags> --seed S` for each of --seeds (400 tasks, model chosen on meta_val), then a 600-task
 5-way 1-shot meta-test evaluation of its best.pth. Rows run side by side, one thread each (`--jobs`,
 default: the number of cores). Writes <out>/ablation.json and <out>/ablation.md (the table of
 docs/differences.md); rerunning the same command resumes and skips finished rows.
@@ -37,7 +37,15 @@ ROWS = {
                               "--inversion_augment", "image", "--init", "torch"], "api_augment"),
     "init_torch_no_kd_augment": (["--init", "torch", "--no-kd_augment"], "faithful"),
     "improved": (["--recipe", "improved"], "faithful"),
+    # the switches of the original's last differences: each the project's earlier behaviour, alone
+    "kd_loss_kl": (["--kd_loss", "kl"], "faithful"),
+    "keep_best_image": (["--keep_best", "image"], "faithful"),
+    "api_output_probs": (["--api_output", "probs"], "faithful"),
+    "memory_quantize_round": (["--memory_quantize", "round"], "faithful"),
+    "before_faithful_switches": (["--kd_loss", "kl", "--keep_best", "image", "--api_output", "probs",
+                                  "--memory_quantize", "round"], "faithful"),
 }
+SEED = 2022     # main.py's default: a row run with it keeps the folder name of the row
 POOLS = {"faithful": [], "api_augment": ["--api_augment", "--init", "torch"]}
 
 
@@ -61,30 +69,33 @@ def _run(cmd: list[str], log: str, threads: int) -> None:
         raise RuntimeError(f"`python {' '.join(cmd)}` failed; see {log}")
 
 
-def run_row(name: str, out: str, data_root: str, test_tasks: int) -> dict:
+def run_row(name: str, out: str, data_root: str, test_tasks: int, seed: int = SEED) -> dict:
     flags, pool = ROWS[name]
-    run, ev = os.path.join(out, name), os.path.join(out, "eval", name)
-    log = os.path.join(out, f"{name}.log")
+    tag = name if seed == SEED else f"{name}_seed{seed}"
+    run, ev = os.path.join(out, tag), os.path.join(out, "eval", tag)
+    log = os.path.join(out, f"{tag}.log")
     t0 = time.time()
     common = ["--preset", "demo", "--data_root", data_root]
     if not os.path.isfile(os.path.join(run, "summary.json")):
-        _run(["main.py", *common, *flags, "--pretrained_path_prefix", os.path.join(out, f"pool_{pool}"),
-              "--out_dir", run, "--resume"], log, 1)
+        _run(["main.py", *common, *flags, "--seed", str(seed), "--pretrained_path_prefix",
+              os.path.join(out, f"pool_{pool}"), "--out_dir", run, "--resume"], log, 1)
     if not os.path.isfile(os.path.join(ev, "summary.json")):
         _run(["main.py", *common, *flags, "--evaluate", os.path.join(run, "best.pth"), "--num_sup_test", "1",
               "--episode_test", str(test_tasks), "--out_dir", ev, "--resume"], log, 1)
     train, test = (json.load(open(os.path.join(d, "summary.json"))) for d in (run, ev))
-    return {"row": name, "flags": " ".join(flags), "pool": " ".join(POOLS[pool]) or "(defaults)",
+    return {"row": name, "seed": seed, "flags": " ".join(flags), "pool": " ".join(POOLS[pool]) or "(defaults)",
             "acc": round(test["test_acc"], 2), "ci": round(test["test_ci"], 2), "api_queries": train["api_queries"],
             "api_visits": train["api_visits"], "train_seconds": train["wall_seconds"],
             "this_call_seconds": round(time.time() - t0, 1)}
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    base = next((r for r in rows if r["row"] == "faithful"), None)
-    lines = ["| row | main.py flags | APIs pretrained with | 5-way 1-shot (%) | vs faithful | API queries | visits "
-             "| training s |", "|---|---|---|---|---|---|---|---|"]
+    """The rows, each against the faithful row of its seed."""
+    bases = {r["seed"]: r for r in rows if r["row"] == "faithful"}
+    lines = ["| row | seed | main.py flags | APIs pretrained with | 5-way 1-shot (%) | vs faithful | API queries | "
+             "visits | training s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        base = bases.get(r["seed"])
         if base is None or r is base:
             vs = "—"
         else:
@@ -93,9 +104,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
             vs = f"{d:+.2f}{' (CIs apart)' if apart else ''}"
         flags = f"`{r['flags']}`" if r["flags"] else "(defaults)"
         pool = f"`{r['pool']}`" if r["pool"] != "(defaults)" else r["pool"]
-        lines.append(f"| {r['row']} | {flags} | {pool} | {r['acc']:.2f} ± {r['ci']:.2f} | {vs} | "
+        lines.append(f"| {r['row']} | {r['seed']} | {flags} | {pool} | {r['acc']:.2f} ± {r['ci']:.2f} | {vs} | "
                      f"{r['api_queries']:,} | {r['api_visits']} | {r['train_seconds']:.0f} |")
-    lines += ["", f"Demo preset (`--preset demo`), seed 2022, model chosen on meta_val; 5-way 1-shot meta-test accuracy "
+    lines += ["", f"Demo preset (`--preset demo`), model chosen on meta_val; 5-way 1-shot meta-test accuracy "
                   f"± 95% CI over {meta['test_tasks']} tasks. Measured {meta['date']} on {meta['processor']}, "
                   f"{meta['jobs']} rows side by side, one thread each (training seconds overlap). "
                   f"Command: `{meta['command']}`."]
@@ -109,6 +120,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="rows run side by side, one thread each")
     p.add_argument("--test_tasks", type=int, default=600)
+    p.add_argument("--seeds", default=str(SEED), help="comma-separated --seed values; every row runs with each")
     p.add_argument("--list", action="store_true", help="print the rows (main.py flags, pool flags) as JSON; run nothing")
     a = p.parse_args(argv)
     if a.list:
@@ -127,13 +139,14 @@ def main(argv=None) -> list[dict]:
         _run(["pretrain.py", "--preset", "demo", "--data_root", data_root, *POOLS[pool], "--no-tensorboard",
               "--pretrained_path_prefix", os.path.join(out, f"pool_{pool}")], os.path.join(out, f"pool_{pool}.log"),
              os.cpu_count() or 1)
-    results = {}
+    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     with ThreadPoolExecutor(max(1, a.jobs)) as ex:
-        futures = {r: ex.submit(run_row, r, out, data_root, a.test_tasks) for r in rows}
-        for r in rows:
-            results[r] = futures[r].result()
-            print(f"[ablation] {r}: {results[r]['acc']:.2f} ± {results[r]['ci']:.2f}", flush=True)
-    table = [results[r] for r in rows]
+        futures = [ex.submit(run_row, r, out, data_root, a.test_tasks, s) for s in seeds for r in rows]
+        table = []
+        for f in futures:
+            table.append(f.result())
+            r = table[-1]
+            print(f"[ablation] {r['row']} seed {r['seed']}: {r['acc']:.2f} ± {r['ci']:.2f}", flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "processor": processor(), "jobs": a.jobs, "test_tasks": a.test_tasks,
             "command": "python -m experiments.ablation" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()}
     from core.io import atomic_json, atomic_text
