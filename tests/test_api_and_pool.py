@@ -46,6 +46,20 @@ def test_black_box_returns_probabilities_without_autograd_history(device):
     assert (api.classes, api.way, api.arch) == ([3, 9, 11, 20, 40], 5, "conv4") and "black-box" in repr(api)
 
 
+def test_an_api_answers_the_logits_its_probabilities_are_the_softmax_of_counted_alike(device):
+    """The original's API is its network: it answers logits (--api_output logits, the faithful default)."""
+    from synthesis.api import probabilities
+    x = torch.randn(6, 3, 32, 32, device=device)
+    p_api, z_api = random_api(device=device), random_api(device=device, output="logits")
+    p, z = p_api(x), z_api(x)
+    torch.testing.assert_close(F.softmax(z, 1), p, rtol=1e-5, atol=1e-6)
+    assert not z.requires_grad and z_api.queries == p_api.queries == 6
+    torch.testing.assert_close(probabilities(z_api, z), p, rtol=1e-5, atol=1e-6)
+    assert probabilities(p_api, p) is p
+    with pytest.raises(ValueError, match="logits"):
+        random_api(output="scores")
+
+
 def test_white_box_api_lets_gradients_reach_the_images_only(device):
     model = random_model()
     api = BlackBoxAPI(model, range(5), DEMO, "conv4", white_box=True, device=device)

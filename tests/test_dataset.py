@@ -139,6 +139,33 @@ def test_missing_split_is_one_line_error(tmp_path):
     assert isinstance(e.value, Exception) and "\n" not in str(e.value)
 
 
+def test_class_ids_follow_the_rows_of_the_split_csv_as_the_original_reads_them(small_demo_root, tmp_path):
+    """The original numbers classes in the order of their first rows (its scripts write file-system order);
+    ours are sorted, so both give the ids their writer meant, and a pool of the original names its classes."""
+    src = os.path.join(small_demo_root, "demo", "split", "meta_test.csv")
+    rows = list(csv.DictReader(open(src)))
+    names = list(dict.fromkeys(r["label"] for r in rows))
+    order = names[::-1]                                          # a file-system order: not sorted
+    shuffled = [r for n in order for r in sorted((r for r in rows if r["label"] == n), key=lambda r: r["filename"],
+                                                 reverse=True)]
+    root = tmp_path / "root"
+    os.makedirs(root / "demo" / "split")
+    for name in ("meta_train", "meta_val"):
+        os.symlink(os.path.join(small_demo_root, "demo", "split", f"{name}.csv"), root / "demo" / "split" / f"{name}.csv")
+    with open(root / "demo" / "split" / "meta_test.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["filename", "label"])
+        w.writeheader()
+        w.writerows({"filename": os.path.relpath(os.path.join(small_demo_root, r["filename"]), root), "label": r["label"]}
+                    for r in shuffled)
+    import dataclasses
+    copy = dataclasses.replace(SPEC, name="demo_copy")          # not "demo": it would be generated there anew
+    theirs, ours = load_split(str(root), copy, "meta_test"), load_split(small_demo_root, SPEC, "meta_test")
+    assert ours.class_names == sorted(ours.class_names) and theirs.class_names == order
+    c = 2                                                        # the same class, under its two ids
+    ids = theirs.indices_of(theirs.class_names.index(ours.class_names[c]))
+    assert torch.equal(theirs.images(ids[::-1]), ours.images(ours.indices_of(c)))     # rows' order kept per class
+
+
 # ----------------------------------------------------------------------------- sampler
 
 def test_sample_task(small_demo_root):

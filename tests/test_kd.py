@@ -203,3 +203,29 @@ def test_kd_task_inner_loop_fits_the_api_on_the_support_set(demo_pool, monkeypat
     out.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     assert pool.queries == visit_cost(cfg)
+
+
+# ------------------------------------------------------------------ the KD loss (the original's and a proper KL)
+
+def test_the_original_kd_loss_is_kl_div_of_softmax_outputs_averaged_over_images_and_classes():
+    from methods.kd import KD_LOSSES
+    from methods.maml import kl_loss
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.0, 0.0]])
+    p = torch.softmax(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]]), 1)
+    s = torch.softmax(logits, 1)
+    want = (p * (p.log() - s)).mean()                       # softmax where log-probabilities belong; mean over 6
+    torch.testing.assert_close(KD_LOSSES["original"](logits, p), want)
+    torch.testing.assert_close(KD_LOSSES["kl"](logits, p), (p * (p.log() - s.log())).sum(1).mean())
+    assert KD_LOSSES["kl"] is kl_loss and Config().kd_loss == "original"       # the faithful default
+
+
+def test_a_visit_uses_the_kd_loss_it_is_given(monkeypatch):
+    calls = {}
+    for name in ("original", "kl"):
+        real = kd.KD_LOSSES[name]
+        monkeypatch.setitem(kd.KD_LOSSES, name, lambda *a, n=name, f=real: (calls.setdefault(n, []).append(1), f(*a))[1])
+    _visit(kd_loss="kl")
+    assert calls.get("kl") and not calls.get("original")
+    calls.clear()
+    _visit(kd_loss="original")
+    assert calls.get("original") and not calls.get("kl")

@@ -311,3 +311,17 @@ def test_missing_or_foreign_memory_file_is_one_clear_line(tmp_path):
     with pytest.raises(CheckpointError, match="holds no images of class") as e:
         TaskMemory(6, 84).load(index, folder)
     assert "not this run's file" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_memory_pixels_are_truncated_as_the_originals_pngs_or_rounded():
+    values = torch.tensor([0.0, 0.499, 0.6, 1.7, 254.4, 254.6, 255.0, 128.9, 3.5]) / 255
+    held = {}
+    for mode in ("truncate", "round"):
+        mem = TaskMemory(2, image_size=3, quantize=mode)
+        mem.add(values.view(1, 1, 3, 3), torch.tensor([0]))
+        held[mode] = mem.batches(0)[0].flatten().tolist()
+    assert held["truncate"] == [0, 0, 0, 1, 254, 254, 255, 128, 3]      # the original: (x * 255).astype(uint8)
+    assert held["round"] == [0, 0, 1, 2, 254, 255, 255, 129, 4]
+    assert Config().memory_quantize == "truncate"
+    with pytest.raises(ValueError, match="truncate"):
+        TaskMemory(2, quantize="nearest")

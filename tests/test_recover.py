@@ -32,7 +32,8 @@ ZO = dict(ZO=True, mu=0.005)
 def test_recover_reads_its_settings_from_the_config_and_costs_q_plus_one_queries_per_image():
     api = FakeAPI()
     stats = {}
-    x, y = recover(api, 2, Config(ZO=True, q=5, numsplit=2, generate_iterations=3), generator=gen(), stats=stats)
+    x, y = recover(api, 2, Config(ZO=True, q=5, numsplit=2, generate_iterations=3, keep_best="image"), generator=gen(),
+                   stats=stats)
     assert x.shape == (6, 3, 8, 8) and 0 <= x.min() and x.max() <= 1
     assert y.tolist() == [0, 0, 1, 1, 2, 2]                             # relative labels, grouped by class
     assert api.queries == 3 * (5 + 1) * 6                               # generate_iterations steps
@@ -262,3 +263,79 @@ def test_cli_refuses_a_mixed_pool_and_bad_counts():
         main(["--dataset", "mix", "--pre_backbone", "mix"])
     with pytest.raises(FlagError, match="--num_per_class must be at least 1"):
         main(["--num_per_class", "0"])
+
+
+# ----------------------------------------------------------------------------- the original's choices (switches)
+
+class LogitAPI(FakeAPI):
+    """FakeAPI answering logits, as the original's API (the network itself) does."""
+    output = "logits"
+
+    def __call__(self, xn):
+        self.calls.append(xn.detach().clone())
+        return self.logits(xn).detach()
+
+
+def test_an_api_answering_logits_gives_ce_and_the_boundary_l1_on_logits():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 3.0, 0.0]])
+    student = torch.tensor([[1.0, 0.5, 0.0], [2.0, 0.0, 0.0]])
+    target = torch.tensor([0, 1])
+    loss = per_image_loss(logits, target, student, adv=0.5, logits=True)
+    ce = F.cross_entropy(logits, target, reduction="none")
+    agree = torch.tensor([1.0, 0.0])                                  # argmax 0 = 0; 1 != 0
+    l1 = (logits - student).abs().sum(1)                              # on logits, not probabilities
+    torch.testing.assert_close(loss, ce - 0.5 * agree * l1)
+    probs_loss = per_image_loss(F.softmax(logits, 1), target, student, adv=0.5)
+    torch.testing.assert_close(probs_loss[1], ce[1], rtol=1e-5, atol=1e-6)    # no agreement: CE alone, either way
+    assert not torch.allclose(probs_loss[0], loss[0])
+
+
+def test_recovery_reads_an_apis_answers_as_what_it_says_they_are(monkeypatch):
+    seen = []
+    real = rec.per_image_loss
+    monkeypatch.setattr(rec, "per_image_loss", lambda *a: (seen.append((a[0], a[-1])), real(*a))[1])
+    for api, logits in ((LogitAPI(), True), (FakeAPI(), False)):
+        seen.clear()
+        recover(api, 2, Config(ZO=True, q=4), steps=2, generator=gen())
+        assert seen and all(flag is logits for _, flag in seen)
+        # logits are not probabilities: rows need not sum to one
+        assert all(torch.allclose(x.sum(1), torch.ones(len(x))) != logits for x, _ in seen[:1])
+
+
+def test_keep_best_batch_keeps_the_whole_batch_of_the_step_with_the_lowest_objective(monkeypatch):
+    """The original keeps the images of one step: the step whose scalar objective (in zero-order mode
+    the surrogate mean_i <n_i, g_i>, in the space the estimate was taken in) was the lowest."""
+    seen = []
+    real = rec.zo_grad
+
+    def recording(loss_of, xin, *a, **k):
+        g, loss = real(loss_of, xin, *a, **k)
+        seen.append(float((xin.flatten(1) * g.flatten(1)).sum(1).mean()))
+        return g, loss
+    monkeypatch.setattr(rec, "zo_grad", recording)
+    images = []
+    real_g = rec.network.build
+
+    def build(*a, **k):
+        g = real_g(*a, **k)
+        forward = g.forward
+        def recording_forward(z):
+            out = forward(z)
+            images.append(out.detach().clone())
+            return out
+        g.forward = recording_forward
+        return g
+    monkeypatch.setattr(rec.network, "build", build)
+    x, _ = recover(FakeAPI(), 2, Config(ZO=True, q=4, keep_best="batch"), steps=5, generator=gen())
+    best = min(range(len(seen)), key=seen.__getitem__)
+    torch.testing.assert_close(x, images[best].contiguous())
+    xi, _ = recover(FakeAPI(), 2, Config(ZO=True, q=4, keep_best="image"), steps=5, generator=gen())
+    assert x.shape == xi.shape
+
+
+def test_a_generator_larger_than_the_api_is_seen_through_a_random_window():
+    """API-MH with one shared generator: images at the generator's size, the API queried on windows of its own."""
+    api = FakeAPI(size=8)
+    x, _ = recover(api, 2, Config(ZO=True, q=2), steps=2, generator=gen(), image_size=12)
+    assert x.shape == (6, 3, 12, 12)
+    assert {tuple(c.shape[1:]) for c in api.calls} == {(3, 8, 8)}
