@@ -366,6 +366,37 @@ def difficulty(R: dict) -> str:
 
 
 # NAME: (the result file it reads, the function that writes the block)
+def refactor_demo(R: dict) -> str:
+    """The demo before and after the one-core refactor, interleaved runs, and the means of each side."""
+    T = R["timings"]["refactor"]
+    lines = ["| code | run (UTC) | total | user CPU | CPU use | BiDf-MKD ended |", "|---|---|---|---|---|---|"]
+    for r in T["demo_runs"]:
+        lines.append(f"| {r['code']} ({T['commits'][r['code']]}) | {r['start_utc']} | {r['total_s']} s | "
+                     f"{r['user_cpu_s']} s | {r['cpu_percent']}% | {r['bidf_mkd_ended_s']} s |")
+    mean = {c: [sum(r[k] for r in T["demo_runs"] if r["code"] == c) / sum(r["code"] == c for r in T["demo_runs"])
+                for k in ("total_s", "user_cpu_s")] for c in ("before", "after")}
+    lines.append(f"| after / before, means | | {mean['after'][0] / mean['before'][0]:.3f} | "
+                 f"{mean['after'][1] / mean['before'][1]:.3f} | | |")
+    return "\n".join(lines)
+
+
+def refactor_zo(R: dict) -> str:
+    """bench/zo_step.py's fast / plain ratio per round and code, and the median of each code."""
+    T = R["timings"]["refactor"]
+    ratios = {}
+    lines = ["| code | round | fast images/s | plain images/s | fast / plain |", "|---|---|---|---|---|"]
+    for r in (x for x in T["zo_step"] if x["api"] == "fast"):
+        plain = next(x for x in T["zo_step"] if x["api"] == "plain" and (x["code"], x["round"]) == (r["code"], r["round"]))
+        ratio = r["images_per_s"] / plain["images_per_s"]
+        ratios.setdefault(r["code"], []).append(ratio)
+        lines.append(f"| {r['code']} ({T['commits'][r['code']]}) | {r['round']} | {thousands(round(r['images_per_s']))} "
+                     f"| {thousands(round(plain['images_per_s']))} | {ratio:.2f}x |")
+    med = {c: sorted(v)[len(v) // 2] for c, v in ratios.items()}
+    lines.append(f"| median | | | | before {med['before']:.2f}x, after {med['after']:.2f}x "
+                 f"({med['after'] / med['before']:.3f}) |")
+    return "\n".join(lines)
+
+
 GENERATORS = {
     "demo-provenance": ("demo", demo_provenance),
     "demo": ("demo", demo_table),
@@ -388,6 +419,8 @@ GENERATORS = {
     "boundary-ratio": ("timings", boundary_ratio),
     "boundary-cost": ("timings", boundary_cost),
     "difficulty": ("difficulty", difficulty),
+    "refactor-demo": ("timings", refactor_demo),
+    "refactor-zo": ("timings", refactor_zo),
 }
 
 
