@@ -177,14 +177,17 @@ def test_kd_sets_are_cropped_and_flipped_once_each(monkeypatch):
 
 # ------------------------------------------------------------------ against a pretrained API
 
-def test_kd_task_inner_loop_fits_the_api_on_the_support_set(demo_pool, monkeypatch):
+@pytest.mark.parametrize("kd_loss, bar", [("original", 0.75), ("kl", 0.5)])
+def test_kd_task_inner_loop_fits_the_api_on_the_support_set(demo_pool, monkeypatch, kd_loss, bar):
     from synthesis import APIPool
     torch.manual_seed(0)
     pool = APIPool.load(demo_pool, "demo", "conv4", 5, 3, DEVICE)
     api = pool.draw(np.random.default_rng(0))
     model = meta_model()
-    # The inner loop's own objective: the KL to the API on the recovered support set. (The query-set KL
-    # after adaptation is no test: from one visit to a weak API it went up as often as down.)
+    # Judged by the KL to the API on the recovered support set, whichever loss the inner loop minimises: the
+    # original's kl_div(softmax(f), p) pulls f to the API's answer more weakly (measured: the KL 1.24 -> 0.71
+    # in these 10 steps, against 0.5x for the true KL). (The query-set KL after adaptation is no test: from
+    # one visit to a weak API it went up as often as down.)
     fit = []
     real_adapt = kd.adapt
 
@@ -195,10 +198,10 @@ def test_kd_task_inner_loop_fits_the_api_on_the_support_set(demo_pool, monkeypat
         return adapted
     monkeypatch.setattr(kd, "adapt", adapt_and_measure)
     cfg = Config(ZO=True, q=4, mu=0.005, numsplit=2, generate_iterations=3, num_sup_kd=4, num_qur_kd=4,
-                 inner_update_num_kd=10, inner_lr=0.01, adv=1.0)
+                 inner_update_num_kd=10, inner_lr=0.01, adv=1.0, kd_loss=kd_loss)
     out = kd_task(model, meta_params(model), api, cfg, demo_prep(), boundary=True, generator=gen(0))
     (before, after), = fit
-    assert after < 0.5 * before                               # θ' fits the API on the support set
+    assert after < bar * before                               # θ' fits the API on the support set
     assert 0.0 < out.api_confidence <= 1.0                    # a probability, from the queries already made
     out.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

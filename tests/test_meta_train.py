@@ -318,7 +318,8 @@ def _checked_vmap(seen: list):
             assert fv[0] == pytest.approx(fs[0], rel=1e-10) and fv[1] == fs[1]
         assert (total(vm64) - g64).abs().max().item() <= 1e-9 * scale
         seq32 = real(TaskExec("sequential"), model, fn, params, items)
-        assert sum(f[0] for f, _ in out) == pytest.approx(sum(f[0] for f, _ in seq32), rel=1e-5)
+        # float32: the losses agree to rounding (measured up to 4.3e-5 relative, the tie routing above)
+        assert sum(f[0] for f, _ in out) == pytest.approx(sum(f[0] for f, _ in seq32), rel=2e-4)
         assert (total(out) - g64).norm() <= max(2 * (total(seq32) - g64).norm(), 0.05 * g64.norm())
         seen.append(len(items))
         return out
