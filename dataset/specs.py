@@ -34,8 +34,8 @@ class DatasetSpec:
 
 
 SPECS: dict[str, DatasetSpec] = {
-    "cifar100": DatasetSpec("cifar100", "cifar100", 32, 3, (0.5071, 0.4866, 0.4409),
-                            (0.2673, 0.2564, 0.2762), (64, 16, 20), 0,
+    "cifar100": DatasetSpec("cifar100", "cifar100", 32, 3, (0.5071, 0.4867, 0.4408),
+                            (0.2675, 0.2565, 0.2761), (64, 16, 20), 0,
                             "python write_cifar100_filelist.py", 60),
     "miniimagenet": DatasetSpec("miniimagenet", "Miniimagenet", 84, 3, IMAGENET_MEAN, IMAGENET_STD,
                                 (64, 16, 20), 64, "python write_miniimagenet_filelist.py", 60),
