@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import operator
 import sys
 import warnings
 from typing import Callable
@@ -47,23 +46,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
                         mod[i] = fuse_conv_bn_eval(mod[i], mod[i + 1])
                         mod[i + 1] = nn.Identity()
         return model
-
-
-def onednn_friendly(net: nn.Module) -> bool:
-    """Whether every step of a traced network has a oneDNN-tensor kernel (conv, linear, ReLU, max-pool,
-    add, flatten). ResNet's global average pooling (mean over H, W) has none: it stays dense."""
-    if not isinstance(net, torch.fx.GraphModule):
-        return False
-    mods = dict(net.named_modules())
-    for node in net.graph.nodes:
-        if node.op == "call_module" and not isinstance(mods[node.target], (nn.Conv2d, nn.Linear, nn.ReLU,
-                                                                           nn.MaxPool2d, nn.Identity)):
-            return False
-        if node.op == "call_method" and node.target not in ("flatten", "relu", "relu_"):
-            return False
-        if node.op == "call_function" and node.target not in (torch.relu, torch.flatten, operator.add):
-            return False
-    return True
 
 
 def onednn_chain(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -133,9 +115,10 @@ def inference_forward(model: nn.Module, device, *, grad: bool = False, mkldnn: b
 
     grad: the caller needs gradients with respect to the images (white-box API); the weights are
         frozen either way (requires_grad False), so no gradient ever accumulates into them.
-    mkldnn: run the folded network on oneDNN tensors end to end (no layout changes between layers,
-        pooling without index bookkeeping). Default: on a CPU with oneDNN, without grad; used only if
-        the network converts and matches the dense forward on `example`, else the dense path.
+    mkldnn: run the folded network as a flat chain of oneDNN calls (onednn_chain: conv4; no layout changes
+        between layers, pooling without index bookkeeping). Default: on a CPU with oneDNN, without grad;
+        used only if the network is such a chain and matches the dense forward on `example`, else the
+        dense path (the ResNets: their global mean has no oneDNN kernel).
     channels_last: NHWC activations for the dense path (default: on the CPU).
     micro_batch: images per internal forward (-1: CPU_MICRO_BATCH on the CPU, whole batch on CUDA;
         None: never split). Splitting a batch is exact: every image is computed on its own.
@@ -158,22 +141,18 @@ def inference_forward(model: nn.Module, device, *, grad: bool = False, mkldnn: b
     fn: Callable = net
 
     if mkldnn is None:
-        mkldnn = (cpu and not grad and not compile and example is not None and torch.backends.mkldnn.is_available()
-                  and onednn_friendly(net))
+        mkldnn = cpu and not grad and not compile and example is not None and torch.backends.mkldnn.is_available()
     if mkldnn and cpu and not grad:
         try:    # quietly: torch.fx prints the failing line of an unsupported op before raising
             with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
                 warnings.simplefilter("ignore")
                 mk_fn = onednn_chain(net)
-                if mk_fn is None:       # not a chain (e.g. residual blocks): the network converted module by module
-                    from torch.utils import mkldnn as mkldnn_utils
-                    mk = mkldnn_utils.to_mkldnn(copy.deepcopy(net).to(memory_format=torch.contiguous_format))
-                    mk_fn = lambda x: mk(x.to_mkldnn()).to_dense()     # noqa: E731
                 with torch.inference_mode():
                     ex = example.to(device)
-                    if torch.allclose(mk_fn(ex.contiguous()), net(_layout(ex, channels_last)), rtol=1e-4, atol=1e-5):
+                    if mk_fn is not None and torch.allclose(mk_fn(ex.contiguous()), net(_layout(ex, channels_last)),
+                                                            rtol=1e-4, atol=1e-5):
                         fn, channels_last = mk_fn, False
-        except Exception:   # noqa: BLE001 - an op without a oneDNN kernel (e.g. ResNet's mean over H, W)
+        except Exception:   # noqa: BLE001 - a kernel oneDNN lacks here: the dense path is correct too
             pass
     elif compile:
         try:

@@ -308,22 +308,6 @@ def parse(argv=None, **spec) -> tuple[Config, argparse.Namespace]:
     return build({**base, **given}), rest
 
 
-def options_markdown(parser: argparse.ArgumentParser, title: str) -> str:
-    """The flags of a parser as markdown tables, one per group (docs/options.md is made of these)."""
-    out = [f"## {title}", ""]
-    for g in parser._action_groups:       # noqa: SLF001 - argparse offers no public walk of groups
-        acts = [a for a in g._group_actions if a.option_strings and a.dest != "help"  # noqa: SLF001
-                and a.help != argparse.SUPPRESS]
-        if not acts:
-            continue
-        out += [f"### {g.title}", "", "| flag | help |", "|---|---|"]
-        for a in acts:
-            flags = ", ".join(f"`{s}`" for s in a.option_strings)
-            out.append(f"| {flags} | {(a.help or '').replace('|', '&#124;')} |")
-        out.append("")
-    return "\n".join(out)
-
-
 # ----------------------------------------------------------------------------- names, checks, costs
 
 def run_name(cfg: Config) -> str:

@@ -19,7 +19,6 @@ handed out again after resume and the file overwritten.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import deque
 
@@ -108,15 +107,6 @@ class TaskMemory:
         sizes = {c: [b.shape[0] for _, b in buf] for c, buf in self._store.items()}
         return BatchCounts(self.max_batch_per_class, sizes)
 
-    def digest(self) -> str:
-        """SHA-256 of the classes, their batches in order and the pixels: equal memories, equal digests."""
-        h = hashlib.sha256()
-        for c in self.classes:
-            for b in self.batches(c):
-                h.update(f"{c}:{tuple(b.shape)};".encode())
-                h.update(b.contiguous().numpy().tobytes())
-        return h.hexdigest()
-
     # -- replay
     def sample_task(self, way: int, shot: int, query: int, rng: np.random.Generator) -> Task:
         """A way-way shot-shot task with `query` queries per class, drawn from the classes that hold
@@ -157,10 +147,6 @@ class TaskMemory:
             return False
         return all(len(self.batches(c)) == len(other.batches(c)) and
                    all(torch.equal(a, b) for a, b in zip(self.batches(c), other.batches(c))) for c in self.classes)
-
-    def nbytes(self) -> int:
-        """Bytes of pixels held."""
-        return sum(b.numel() for buf in self._store.values() for _, b in buf)
 
     # -- resume: everything in one dict (small memories, tests)
     def state_dict(self) -> dict:

@@ -8,7 +8,7 @@ from .generator import LATENT_DIM, Generator
 from . import original
 from .initialise import init_original_
 from .resnet import LAYOUTS as RESNET_LAYOUTS
-from .resnet import ResNet, resnet, resnet10, resnet18, resnet34, resnet50, resnet101
+from .resnet import ResNet, resnet
 
 ARCHS = ("conv4", "resnet10", "resnet18", "resnet34", "resnet50", "resnet101")
 INITS = ("original", "torch")

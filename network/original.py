@@ -104,11 +104,6 @@ def describe(state: Mapping[str, torch.Tensor]) -> Held:
     return Held(_resnet_name(counts, block), state["head.weight"].shape[0], state["stem.0.weight"].shape[1], kind)
 
 
-def detect_arch(state: Mapping[str, torch.Tensor]) -> str:
-    """conv4 | resnet10 | resnet18 | resnet34 | resnet50 | resnet101, from keys and shapes (either naming)."""
-    return describe(state).arch
-
-
 def _original_head(state) -> str:
     # The classifier is the only 2-D weight directly under trunk.
     heads = [k[:-len(".weight")] for k, v in state.items()

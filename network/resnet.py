@@ -111,23 +111,3 @@ def resnet(name: str, num_classes: int, channels: int = 3, batch_stats: bool = F
         raise ValueError(f"unknown ResNet {name!r}; choose one of {', '.join(LAYOUTS)}")
     block, counts = LAYOUTS[name]
     return ResNet(counts, num_classes, channels, batch_stats, block=block, stem_relu=stem_relu)
-
-
-def resnet10(num_classes: int, channels: int = 3, batch_stats: bool = False, *, stem_relu: bool = False) -> ResNet:
-    return resnet("resnet10", num_classes, channels, batch_stats, stem_relu=stem_relu)
-
-
-def resnet18(num_classes: int, channels: int = 3, batch_stats: bool = False, *, stem_relu: bool = False) -> ResNet:
-    return resnet("resnet18", num_classes, channels, batch_stats, stem_relu=stem_relu)
-
-
-def resnet34(num_classes: int, channels: int = 3, batch_stats: bool = False, *, stem_relu: bool = False) -> ResNet:
-    return resnet("resnet34", num_classes, channels, batch_stats, stem_relu=stem_relu)
-
-
-def resnet50(num_classes: int, channels: int = 3, batch_stats: bool = False, *, stem_relu: bool = False) -> ResNet:
-    return resnet("resnet50", num_classes, channels, batch_stats, stem_relu=stem_relu)
-
-
-def resnet101(num_classes: int, channels: int = 3, batch_stats: bool = False, *, stem_relu: bool = False) -> ResNet:
-    return resnet("resnet101", num_classes, channels, batch_stats, stem_relu=stem_relu)

@@ -19,6 +19,7 @@ from conftest import REPO, RUN_FLAGS, run_cli
 from core import dist
 from core.errors import FlagError
 from helpers import flags, read_jsonl, run_memory
+from helpers_traced_main import memory_digest
 
 pytestmark = pytest.mark.fast     # the fast tier, but for the tests marked slow
 
@@ -66,7 +67,7 @@ def test_two_processes_hold_the_same_model_and_memory_after_every_meta_step(runs
     assert steps == trace[1][1:]                                   # parameters and memory, step by step
     assert len({r["params"] for r in steps}) == len(steps)         # the model moved at every step
     from methods.memory import TaskMemory
-    assert steps[0]["memory"] != TaskMemory(4, 32).digest()        # the memory holds the visits' images
+    assert steps[0]["memory"] != memory_digest(TaskMemory(4, 32))        # the memory holds the visits' images
 
 
 def test_rank0_alone_writes_the_outputs(runs):

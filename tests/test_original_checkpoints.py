@@ -54,7 +54,7 @@ def test_original_checkpoint_reproduces_probs(dataset, arch):
     model, ckpt, spec = _loaded(dataset, arch)
     ref = _reference(dataset, arch)
     assert original.is_original_checkpoint(ckpt)
-    assert original.detect_arch(ckpt["teacher"]) == arch
+    assert original.describe(ckpt["teacher"]).arch == arch
     assert list(ckpt["specific"]) == ref["specific"].tolist()
     x, want = ref["x_normalised"].to(DEVICE), ref["probs"].to(DEVICE)
     with torch.no_grad():
@@ -138,7 +138,7 @@ def test_name_mapping_round_trip_for_every_arch(arch):
     ours = model.state_dict()
     theirs = original.to_original(ours)
     assert all(k.startswith("trunk.") for k in theirs)
-    assert original.detect_arch(ours) == original.detect_arch(theirs) == arch
+    assert original.describe(ours).arch == original.describe(theirs).arch == arch
     back = original.to_project(theirs)
     assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)
 
