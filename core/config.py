@@ -148,6 +148,11 @@ class Config:
     numsplit: int = _zo(5, "chunks the q perturbed copies are queried in (fewer: faster, more memory)", entry=S)
     zo_space: str = _zo("normalized", "perturb the normalized API input (as the original) | pixel ([0, 1] images)",
                         choices=("normalized", "pixel"))
+    zo_estimator: str = _zo("forward", "zero-order estimate per image and step, either q + 1 queries (L(x) and q "
+                                       "perturbed copies): forward ((L(x + mu u) - L(x)) / mu along q random "
+                                       "directions, as the original) | central ((L(x + mu u) - L(x - mu u)) / (2 mu) "
+                                       "along q/2 directions, antithetic pairs; q must be even)",
+                            choices=("forward", "central"), entry=S)
     # API pretraining: every setting of this group shapes the pool, not a meta-training run (runtime there)
     api_seed: int = _api(0, "API i's classes and initial weights depend on (api_seed, i)", low=None)
     epochs: int | None = _api(None, "epochs per API (default: 60 cifar100/miniimagenet/demo, 100 cub)")
@@ -352,6 +357,8 @@ def check_values(cfg: Config, names=None) -> None:
             raise FlagError(f"--{name} must be at most {meta['high']}, got {v}")
         if "choices" in meta and v not in meta["choices"]:
             raise FlagError(f"--{name} {v!r} is unknown; choose one of {', '.join(meta['choices'])}")
+    if (names is None or "zo_estimator" in names) and cfg.zo_estimator == "central" and cfg.q % 2:
+        raise FlagError(f"--zo_estimator central queries q/2 pairs (x + mu u, x - mu u): --q must be even, got {cfg.q}")
 
 
 def visit_cost(cfg: Config) -> int:

@@ -252,6 +252,88 @@ def ablation_recipes(R: dict) -> str:
     return "\n".join(lines)
 
 
+def ablation_switches(R: dict) -> str:
+    """The faithful switches (results/ablation_switches.json): each row against the faithful row of its seed."""
+    A = R["ablation_switches"]
+    bases = {r["seed"]: r for r in A["rows"] if r["row"] == "faithful"}
+    lines = ["| row | main.py flags | seed | 5-way 1-shot (%) | vs faithful | API queries | visits |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(A["rows"], key=lambda r: (list(dict.fromkeys(x["row"] for x in A["rows"])).index(r["row"]),
+                                              r["seed"])):
+        base = bases[r["seed"]]
+        flags = f"`{r['flags']}`" if r["flags"] else "(defaults)"
+        lines.append(f"| {r['row']} | {flags} | {r['seed']} | {acc(r)} | {'—' if r is base else vs(r, base)} | "
+                     f"{thousands(r['api_queries'])} | {r['api_visits']} |")
+    return "\n".join(lines)
+
+
+def ablation_switches_summary(R: dict) -> str:
+    """Per switch: its difference to the faithful row on each seed, and on how many seeds the CIs are apart."""
+    A = R["ablation_switches"]
+    bases = {r["seed"]: r for r in A["rows"] if r["row"] == "faithful"}
+    parts = []
+    for name in dict.fromkeys(r["row"] for r in A["rows"] if r["row"] != "faithful"):
+        rows = [r for r in A["rows"] if r["row"] == name]
+        d = ", ".join(f"{r['acc'] - bases[r['seed']]['acc']:+.2f} (seed {r['seed']})" for r in rows)
+        n = sum(apart(r["acc"], r["ci"], bases[r["seed"]]["acc"], bases[r["seed"]]["ci"]) for r in rows)
+        parts.append(f"`{name}` {d}, intervals apart on {n} of {len(rows)} seeds")
+    return (f"Against the faithful row of the same seed: {'; '.join(parts)}. Measured {A['date']} on "
+            f"{A['processor']}, {A['jobs']} rows side by side, one thread each.")
+
+
+def fidelity(R: dict) -> str:
+    """Cosine of zero-order estimates to the true gradient (results/fidelity.json), per estimator and q."""
+    F_ = R["fidelity"]
+    lines = ["| estimator | q | directions | queries per image and step | cosine: mean (sd) | median [p25, p75] "
+             "| ceiling for its directions | closer than forward on |", "|---|---|---|---|---|---|---|---|"]
+    for r in F_["rows"]:
+        c, m = r["cosine"], r.get("minus_forward")
+        lines.append(f"| {r['estimator']} | {r['q']} | {r['directions']} | {r['queries_per_image_per_step']} | "
+                     f"{c['mean']:.3f} ({c['sd']:.3f}) | {c['median']:.3f} [{c['p25']:.3f}, {c['p75']:.3f}] | "
+                     f"{r['ceiling_mean']:.3f} | {percent(m['share_higher']) if m else '—'} |")
+    lines += ["", f"{F_['rows'][0]['cosine']['n']} (image, step) pairs per row. Measured {F_['date']} on "
+                  f"{F_['processor']}, {F_['threads']} thread(s), torch {F_['torch']}, {F_['seconds']:.0f} s; "
+                  f"`{F_['command']}`."]
+    return "\n".join(lines)
+
+
+def side_by_side(R: dict) -> str:
+    """The original and the faithful default end to end (results/side_by_side.json), per seed and protocol."""
+    S = R["side_by_side"]
+    lines = ["| implementation | seed | best meta-test evaluation (the original's protocol) | model chosen on "
+             "meta_val (ours) | API visits | API queries |", "|---|---|---|---|---|---|"]
+    for side, label in (("original", "original (Egg-Hu/BiDf-MKD)"), ("faithful", "this project, `--recipe faithful`")):
+        for seed, r in S["runs"][side].items():
+            if not r:
+                continue
+            po, pu = r.get("protocol_original"), r.get("protocol_ours")
+            lines.append(f"| {label} | {seed} | {acc(po) if po else '—'} | {acc(pu) if pu else '—'} | "
+                         f"{r['api_visits']} | {thousands(r['api_queries'])} |")
+    for side in ("original", "faithful"):
+        a = S["across_seeds"].get(side, {})
+        cells = [f"{a[p]['mean']:.2f} (seeds {a[p]['min']:.2f} to {a[p]['max']:.2f})" if p in a else "—"
+                 for p in ("protocol_original", "protocol_ours")]
+        lines.append(f"| {side}: mean of the seeds | | {cells[0]} | {cells[1]} | | |")
+    return "\n".join(lines)
+
+
+def side_by_side_summary(R: dict) -> str:
+    """Where the faithful default's seeds fall against the original's intervals (the original's protocol)."""
+    S = R["side_by_side"]
+    c, a = S["comparison"], S["across_seeds"]
+    env = c["original_envelope_original_protocol"]
+    inside = c["faithful_within_original_envelope"]["original_protocol"]
+    w = c.get("welch_original_protocol")
+    return (f"On the original's protocol the original's seeds span {env['low']:.2f} to {env['high']:.2f} (lowest "
+            f"acc − CI to highest acc + CI); the faithful default's seeds lie inside on {sum(inside.values())} of "
+            f"{len(inside)}, mean {a['faithful']['protocol_original']['mean']:.2f} against the original's "
+            f"{a['original']['protocol_original']['mean']:.2f} (difference "
+            f"{c['mean_difference_faithful_minus_original_original_protocol']:+.2f}"
+            + (f", Welch t = {w['t']:.2f} on {w['df']:.1f} degrees of freedom" if w else "") + "). Measured "
+            f"{S['provenance']['date'][:10]} on {S['provenance']['cpu']}, one thread per run, "
+            f"commit {S['provenance']['repo_commit']}.")
+
+
 # ------------------------------------------------------------------ queries (docs/queries.md)
 def _row(table: dict, name: str) -> dict:
     return next(r for r in table["rows"] if r["row"] == name)
@@ -410,6 +492,11 @@ GENERATORS = {
     "ablation": ("ablation", ablation_table),
     "ablation-switch-range": ("ablation", ablation_switch_range),
     "ablation-recipes": ("ablation", ablation_recipes),
+    "ablation-switches": ("ablation_switches", ablation_switches),
+    "ablation-switches-summary": ("ablation_switches", ablation_switches_summary),
+    "fidelity": ("fidelity", fidelity),
+    "side-by-side": ("side_by_side", side_by_side),
+    "side-by-side-summary": ("side_by_side", side_by_side_summary),
     "queries-curve": ("queries", queries_curve),
     "queries-rerun": ("queries", queries_rerun),
     "queries-seed2023": ("queries", queries_seed2023),

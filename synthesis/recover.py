@@ -70,9 +70,9 @@ def recover(api, per_class: int, cfg: Config, *, steps: int | None = None, stude
     """Recover `per_class` images for each of the API's classes.
 
     api: BlackBoxAPI (or anything with .spec, .classes, .device and __call__ on normalized images).
-    cfg: the settings read here: ZO, q, mu, numsplit (the estimator), Glr, zo_space, inversion_augment,
-        boundary_student, keep_best; steps defaults to its recovery steps (generate_iterations, or
-        meta_generator_steps with meta_generator).
+    cfg: the settings read here: ZO, q, mu, numsplit, zo_estimator (the estimator), Glr, zo_space,
+        inversion_augment, boundary_student, keep_best; steps defaults to its recovery steps
+        (generate_iterations, or meta_generator_steps with meta_generator).
     image_size: the size G makes images at (default the API's; larger: the API sees a random window).
     student: images in [0, 1] -> logits [B, way], the fixed adapted meta model f_theta'; used when adv > 0.
     generator: torch.Generator on the API's device for z, augmentation and ZO directions
@@ -154,7 +154,8 @@ def recover(api, per_class: int, cfg: Config, *, steps: int | None = None, stude
             xin = accel.fast_layout(norm(xd) if normalized else xd)    # perturbed in the API's layout
             # a perturbed-image student runs functional_call on the meta model: not thread-safe
             g, loss = zo_grad(lambda xs: loss_of(xs, s_clean, normalized), xin, cfg.q, cfg.mu, cfg.numsplit,
-                              generator=generator, concurrent=not use_student or clean_student)
+                              generator=generator, concurrent=not use_student or clean_student,
+                              estimator=cfg.zo_estimator)
             value = (xin.flatten(1) * g.flatten(1)).sum(1).mean() if cfg.keep_best == "batch" else None
             if normalized:
                 g = g * inv_std

@@ -1,14 +1,30 @@
 """Zero-order gradient estimation through a black box (docs/method.md).
 
-For each image x_i (flattened, d = C*H*W) and q directions u_ij uniform on the unit sphere:
+For each image x_i (flattened, d = C*H*W) and directions u_ij uniform on the unit sphere, two estimators
+(`--zo_estimator`):
 
-    g_i = (d / q) * sum_j [(L(x_i + mu u_ij) - L(x_i)) / mu] * u_ij
+    forward (the original's), q directions:
+        g_i = (d / q) * sum_{j<q} [(L(x_i + mu u_ij) - L(x_i)) / mu] * u_ij
 
-a forward-difference estimate of the gradient of the mu-smoothed loss. It costs exactly q + 1 loss
-evaluations (API queries) per image: one for L(x_i), q for the perturbed copies. Direction j is drawn
-from its own seed (q seeds per step from the caller's generator), so which directions a step uses
-depends on that generator alone: not on `numsplit` (the q*B perturbed images are queried in numsplit
-chunks of directions, a memory knob), the threads or how the chunks are run (accel.sum_in_order).
+    central (antithetic pairs), m = q / 2 directions:
+        g_i = (d / m) * sum_{j<m} [(L(x_i + mu u_ij) - L(x_i - mu u_ij)) / (2 mu)] * u_ij
+
+Both are unbiased for the gradient of the mu-smoothed loss L_mu(x) = E_v L(x + mu v), v uniform in the
+unit ball (close to grad L for a smooth L and a small mu), because (d / mu) E_u[L(x + mu u) u] = grad L_mu(x):
+forward subtracts L(x) E[u] = 0; central, -u being distributed as u, has
+E[(L(x + mu u) - L(x - mu u)) u] = 2 E[L(x + mu u) u], hence its 1 / (2 mu) and d / m (not d / q).
+Both cost exactly q + 1 loss evaluations (API queries) per image: L(x_i) (the loss value recover reports
+and keeps; central does not use it in the estimate) and q perturbed copies (q directions, or q / 2 pairs).
+The central difference cancels the even terms of L's Taylor series around x_i (for a quadratic it is the
+exact directional derivative; forward's second-order term (mu / 2) u^T H u adds noise), at the price of
+half as many directions: which is closer to the gradient depends on mu, the curvature and |grad L|
+(experiments/fidelity.py measures it on the demo APIs).
+
+Direction j is drawn from its own seed (q seeds per step from the caller's generator, for either
+estimator; central uses directions 0..q/2-1), so which directions a step uses depends on that generator
+alone: not on `numsplit` (the perturbed images are queried in numsplit chunks of directions, a memory
+knob), the threads or how the chunks are run (accel.sum_in_order); and the generator advances the same
+whichever estimator runs.
 """
 from __future__ import annotations
 
@@ -18,10 +34,13 @@ import torch
 
 import accel
 
+ESTIMATORS = ("forward", "central")     # core/config.py's zo_estimator
+
 
 def zo_grad(loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, q: int, mu: float,
             numsplit: int, generator: torch.Generator | None = None,
-            directions: torch.Tensor | None = None, concurrent: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+            directions: torch.Tensor | None = None, concurrent: bool = True,
+            estimator: str = "forward") -> tuple[torch.Tensor, torch.Tensor]:
     """(estimate of dL/dx per image, shaped and stored like x; L(x) per image [B]).
 
     loss_of: images [k*B, ...] -> per-image losses [k*B]. Called once on x itself (k = 1), then once per
@@ -32,11 +51,18 @@ def zo_grad(loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, q:
     directions: optional [q, B, *x.shape[1:]] raw Gaussian directions (normalised here), for tests; the
         result then depends on numsplit through float rounding only (which the finite differences
         amplify by d / (q mu): compare float64 runs for exactness).
+    estimator: "forward" (q directions) or "central" (the first q / 2 directions, each queried at x + mu u
+        and x - mu u; q must be even): see the module's docstring.
     The directions are drawn in x's memory order (accel.memory_order): no copy of the q*B images before
     the API. Sums over directions are added in block order, whichever block ran first.
     """
     if q < 1 or mu <= 0:
         raise ValueError(f"zo_grad needs q >= 1 and mu > 0 (got q={q}, mu={mu})")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"zo_grad's estimator is one of {', '.join(ESTIMATORS)}, not {estimator!r}")
+    if estimator == "central" and q % 2:
+        raise ValueError(f"central differences query q / 2 pairs: q must be even (got q={q})")
+    m = q if estimator == "forward" else q // 2                        # directions
     x = x.detach()
     b, d = x.shape[0], x[0].numel()
     to_flat, from_flat = accel.memory_order(x)
@@ -68,11 +94,27 @@ def zo_grad(loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, q:
             coef = (loss - loss0).div_(mu).mul_(inv_norm.squeeze(2)).to(u.dtype)   # [n, B]
             return torch.bmm(coef.t().unsqueeze(1), u.transpose(0, 1)).squeeze(1)  # per image: coef · u
 
+    def block_sum_central(j0: int, j1: int) -> torch.Tensor:
+        """sum_j [(L(x + mu u_j) - L(x - mu u_j)) / (2 mu)] u_j / |u_j| over directions j0..j1-1: [B, d]."""
+        with torch.no_grad():
+            n = j1 - j0
+            u = draw(j0, j1)
+            inv_norm = u.norm(dim=2, keepdim=True).reciprocal_()
+            # one call of 2n copies, copy-major: the n copies x + mu u, then the n copies x - mu u
+            xs = torch.empty(2, n, b, d, dtype=x.dtype, device=x.device)
+            torch.addcmul(xf.unsqueeze(0), u, inv_norm, value=mu, out=xs[0])
+            torch.addcmul(xf.unsqueeze(0), u, inv_norm, value=-mu, out=xs[1])
+            loss = loss_of(from_flat(xs.view(2 * n * b, d))).reshape(2, n, b).to(acc)   # 2n*B queries
+            del xs
+            coef = (loss[0] - loss[1]).div_(2 * mu).mul_(inv_norm.squeeze(2)).to(u.dtype)  # [n, B]
+            return torch.bmm(coef.t().unsqueeze(1), u.transpose(0, 1)).squeeze(1)
+
     with torch.no_grad():
         loss0 = loss_of(x).reshape(b).to(acc)                           # L(x): B queries
         grad = torch.zeros(b, d, dtype=acc, device=x.device)
-        accel.sum_in_order(block_sum, accel.direction_blocks(q, numsplit, x.device), grad, concurrent)
-        grad.mul_(d / q)
+        block = block_sum if estimator == "forward" else block_sum_central
+        accel.sum_in_order(block, accel.direction_blocks(m, numsplit, x.device), grad, concurrent)
+        grad.mul_(d / m)                                                # m = q for forward: d / q as before
     return from_flat(grad.to(x.dtype)), loss0
 
 

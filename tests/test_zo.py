@@ -1,6 +1,7 @@
 """synthesis/zo.py: the zero-order estimate agrees with the true gradient of a known function, costs exactly
 q + 1 queries per image, and its directions depend on the generator alone (not on numsplit, threads, the
-memory layout or how the blocks run); the surrogate hands the estimate on to autograd."""
+memory layout or how the blocks run); the surrogate hands the estimate on to autograd. The same for
+--zo_estimator central (q/2 antithetic pairs), and where it is closer to the gradient than forward."""
 from __future__ import annotations
 
 import pytest
@@ -160,3 +161,144 @@ def test_surrogate_hands_the_estimate_to_autograd(device):
     (dx, dg) = torch.autograd.grad(surrogate(x, g), (x, g), allow_unused=True)
     torch.testing.assert_close(dx, g.detach() / 5)
     assert dg is None                                                   # the estimate is a constant
+
+
+# ------------------------------------------------------------------ --zo_estimator central (antithetic pairs)
+
+def quadratic(x):
+    """0.5 sum_k lam_k (x_k - 1/2)^2 per image: curvature lam_k from 0.5 to 4, minimum at 1/2."""
+    f = x.flatten(1)
+    lam = torch.linspace(0.5, 4.0, f.shape[1], dtype=f.dtype, device=f.device)
+    return 0.5 * (lam * (f - 0.5) ** 2).sum(1)
+
+
+def quadratic_grad(x):
+    f = x.flatten(1)
+    return (torch.linspace(0.5, 4.0, f.shape[1], dtype=f.dtype, device=f.device) * (f - 0.5)).view_as(x)
+
+
+def test_central_is_unbiased_on_average(device):
+    # as the forward test above: 400 estimates of one image's gradient, q = 20 queries each (10 pairs)
+    x = torch.randn(1, 1, 3, 4, device=device).expand(400, 1, 3, 4).contiguous()      # d = 12
+    g, loss = zo_grad(smooth_loss, x, q=20, mu=1e-3, numsplit=1, generator=gen(device, 1), estimator="central")
+    torch.testing.assert_close(loss, smooth_loss(x))                   # L(x) is still returned
+    tg = true_grad(x[:1])[0]
+    assert cosine(g, tg.expand_as(g)).mean() < 0.95
+    rel = (g.mean(0) - tg).norm() / tg.norm()
+    assert rel < 0.15, f"mean of 400 central estimates is {rel:.3f} away from the true gradient (relative)"
+
+
+def test_central_is_the_exact_directional_derivative_on_a_quadratic(device):
+    """(L(x + mu u) - L(x - mu u)) / (2 mu) = <grad L(x), u> for a quadratic, whatever mu: with the same
+    directions the estimate is (d / m) sum_j <grad L, u_j> u_j (m = q / 2, unit u_j), i.e. the d / m scaling."""
+    x = torch.rand(3, 2, 4, 4, dtype=torch.float64, device=device)
+    dirs = torch.randn(8, 3, 2, 4, 4, dtype=torch.float64, device=device)
+    u = F.normalize(dirs[:4].flatten(2), dim=2)                        # central uses directions 0..q/2-1
+    tg = quadratic_grad(x).flatten(1)
+    expect = 32 / 4 * torch.einsum("jb,jbd->bd", (u * tg).sum(2), u)
+    for mu in (1e-3, 0.3):
+        g, _ = zo_grad(quadratic, x, q=8, mu=mu, numsplit=2, directions=dirs, estimator="central")
+        torch.testing.assert_close(g.flatten(1), expect, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("q,numsplit", [(8, 1), (8, 3), (10, 5), (4, 8)])
+def test_central_costs_q_plus_one_queries_per_image_as_forward(q, numsplit, device):
+    for estimator in ("forward", "central"):
+        seen = []
+
+        def loss_of(x):
+            seen.append(x.shape[0])
+            return x.flatten(1).sum(1)
+        x = torch.rand(6, 3, 4, 4, device=device)
+        zo_grad(loss_of, x, q=q, mu=0.01, numsplit=numsplit, estimator=estimator)
+        assert sum(seen) == (q + 1) * 6, estimator
+        assert seen[0] == 6 and all(n % 6 == 0 for n in seen)
+
+
+def test_central_through_the_api_counts_exactly(device):
+    api = random_api(device=device)
+    target = torch.arange(5, device=device).repeat(2)
+    x = torch.rand(10, 3, 32, 32, device=device)
+    zo_grad(lambda xs: -torch.log(api(xs)[torch.arange(len(xs), device=device), target.repeat(len(xs) // 10)]),
+            x, q=10, mu=0.005, numsplit=4, estimator="central")
+    assert api.queries == (10 + 1) * 10
+
+
+def test_central_does_not_depend_on_numsplit_and_uses_the_forward_directions(device):
+    """Seeded: the same perturbed images for any numsplit; they are +-mu u_j for forward's directions
+    j < q / 2 of the same seed (q seeds drawn either way: the caller's generator advances alike)."""
+    x = torch.rand(6, 3, 8, 8, dtype=torch.float64, device=device)
+    kw = dict(q=12, mu=1e-2, estimator="central")
+    ref, g_ref = _perturbations(x, numsplit=1, generator=gen(device, 3), **kw)
+    for numsplit in (2, 4, 6, 9):
+        same, g = _perturbations(x, numsplit=numsplit, generator=gen(device, 3), **kw)
+        torch.testing.assert_close(same, ref, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9)
+    fwd, _ = _perturbations(x, numsplit=1, generator=gen(device, 3), q=6, mu=1e-2)   # forward, 6 directions
+    both = torch.cat([fwd, -fwd])
+    torch.testing.assert_close(ref, both[both[:, 0].argsort()], rtol=1e-12, atol=1e-15)
+    g1, g2 = gen(device, 5), gen(device, 5)
+    zo_grad(smooth_loss, x, q=12, mu=1e-2, numsplit=1, generator=g1)
+    zo_grad(smooth_loss, x, q=12, mu=1e-2, numsplit=1, generator=g2, estimator="central")
+    assert torch.equal(torch.rand(3, generator=g1, device=device), torch.rand(3, generator=g2, device=device))
+
+
+@pytest.mark.parametrize("where, better", [("near", "central"), ("far", "forward")])
+def test_central_against_forward_on_a_quadratic_at_equal_queries(where, better, device):
+    """The cosine to the true gradient, q = 20 (forward: 20 directions, central: 10 pairs), d = 192, float64,
+    mean over 64 images x 5 seeds. Forward's coefficient carries the second-order term (mu / 2) u^T H u
+    ~ mu tr(H) / (2d) that central cancels; central has half the directions. So central is closer where
+    mu tr(H) / (2 sqrt d) exceeds |grad L| (near the minimum, or a large mu), forward elsewhere.
+    Measured (AMD EPYC, this seeding): near (|x - 1/2| ~ 0.01, mu 0.05: |grad L| 0.34 against 0.78)
+    forward 0.124, central 0.217; far (|x - 1/2| ~ 0.3, mu 0.005) forward 0.305, central 0.217 (exact
+    directional derivatives give sqrt(q / (q + d)) = 0.31 and sqrt(10 / (10 + d)) = 0.22 about)."""
+    scale, mu = (0.01, 0.05) if where == "near" else (0.3, 0.005)
+    x = 0.5 + scale * torch.randn(64, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = x.to(device)
+    tg = quadratic_grad(x)
+    mean_cos = {}
+    for estimator in ("forward", "central"):
+        cs = [cosine(zo_grad(quadratic, x, q=20, mu=mu, numsplit=1, generator=gen(device, s),
+                             estimator=estimator)[0], tg).mean().item() for s in range(5)]
+        mean_cos[estimator] = sum(cs) / len(cs)
+    other = "forward" if better == "central" else "central"
+    assert mean_cos[better] > mean_cos[other] + 0.05, mean_cos
+
+
+def test_recover_queries_antithetic_pairs_with_zo_estimator_central():
+    """recover passes --zo_estimator on: q + 1 queries per image per step, and each perturbed call is
+    x + mu u then x - mu u around the step's unperturbed batch (the call before it)."""
+    from core.config import Config
+    from synthesis.recover import recover
+
+    from helpers import FakeAPI
+    api = FakeAPI()
+    with accel.zo_lanes(1):                 # one block per chunk: numsplit 1 is then one call of the q/2 pairs
+        recover(api, 2, Config(ZO=True, q=4, numsplit=1, zo_estimator="central"), steps=2,
+                generator=torch.Generator(device=api.device).manual_seed(0))
+    n = 3 * 2
+    assert api.queries == 2 * (4 + 1) * n
+    assert [len(c) for c in api.calls] == [n, 4 * n] * 2
+    for x, xs in zip(api.calls[::2], api.calls[1::2]):
+        plus, minus = xs.view(2, 2, *x.shape)                            # [+/-, direction, image, ...]
+        torch.testing.assert_close((plus + minus) / 2, x.expand_as(plus), rtol=0, atol=1e-6)
+        assert (plus - x).abs().max() > 1e-4
+
+
+def test_central_refuses_an_odd_q_and_an_unknown_estimator(device):
+    from core.config import Config, check_values
+    from core.errors import FlagError
+    x = torch.rand(2, 3, 4, 4, device=device)
+    with pytest.raises(ValueError, match="q must be even"):
+        zo_grad(smooth_loss, x, q=7, mu=0.01, numsplit=1, estimator="central")
+    with pytest.raises(ValueError, match="estimator is one of forward, central"):
+        zo_grad(smooth_loss, x, q=8, mu=0.01, numsplit=1, estimator="backward")
+    # the config check: one line naming the two flags
+    with pytest.raises(FlagError) as e:
+        check_values(Config(ZO=True, q=21, zo_estimator="central"))
+    assert str(e.value).startswith("--zo_estimator central") and "--q must be even, got 21" in str(e.value)
+    assert "\n" not in str(e.value)
+    check_values(Config(ZO=True, q=21))                                # forward takes any q
+    check_values(Config(ZO=True, q=20, zo_estimator="central"))
+    with pytest.raises(FlagError, match="zo_estimator 'backward' is unknown; choose one of forward, central"):
+        Config(zo_estimator="backward")
