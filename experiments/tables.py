@@ -85,13 +85,14 @@ def load(root: str = ROOT) -> dict:
 
 
 def measured_figures(res: dict) -> set:
-    """Every (acc, ci) pair any result file holds."""
+    """Every (acc, ci) pair any result file holds, as held and to the two decimals the pages print."""
     found = set()
 
     def walk(x):
         if isinstance(x, dict):
             if isinstance(x.get("acc"), (int, float)) and isinstance(x.get("ci"), (int, float)):
                 found.add((round(float(x["acc"]), 6), round(float(x["ci"]), 6)))
+                found.add((round(float(x["acc"]), 2), round(float(x["ci"]), 2)))     # as a page prints it
             for v in x.values():
                 walk(v)
         elif isinstance(x, list):
@@ -324,12 +325,15 @@ def side_by_side_summary(R: dict) -> str:
     env = c["original_envelope_original_protocol"]
     inside = c["faithful_within_original_envelope"]["original_protocol"]
     w = c.get("welch_original_protocol")
+    same = c["same_seed_intervals_overlap_original_protocol"]
     return (f"On the original's protocol the original's seeds span {env['low']:.2f} to {env['high']:.2f} (lowest "
             f"acc − CI to highest acc + CI); the faithful default's seeds lie inside on {sum(inside.values())} of "
             f"{len(inside)}, mean {a['faithful']['protocol_original']['mean']:.2f} against the original's "
             f"{a['original']['protocol_original']['mean']:.2f} (difference "
             f"{c['mean_difference_faithful_minus_original_original_protocol']:+.2f}"
-            + (f", Welch t = {w['t']:.2f} on {w['df']:.1f} degrees of freedom" if w else "") + "). Measured "
+            + (f", Welch t = {w['t']:.2f} on {w['df']:.1f} degrees of freedom" if w else "") + "); the two "
+            f"implementations' intervals overlap for the same seed on {sum(same.values())} of {len(same)} seeds. "
+            "Measured "
             f"{S['provenance']['date'][:10]} on {S['provenance']['cpu']}, one thread per run, "
             f"commit {S['provenance']['repo_commit']}.")
 
