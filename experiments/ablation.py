@@ -42,6 +42,8 @@ ROWS = {
     "keep_best_image": (["--keep_best", "image"], "faithful"),
     "api_output_probs": (["--api_output", "probs"], "faithful"),
     "memory_quantize_round": (["--memory_quantize", "round"], "faithful"),
+    # additions to the paper (issue "Learn more from every query"), each alone on the faithful default
+    "replay_augment": (["--replay_augment"], "faithful"),
     "before_faithful_switches": (["--kd_loss", "kl", "--keep_best", "image", "--api_output", "probs",
                                   "--memory_quantize", "round"], "faithful"),
 }
