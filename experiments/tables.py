@@ -276,8 +276,11 @@ def ablation_switches_summary(R: dict) -> str:
     for name in dict.fromkeys(r["row"] for r in A["rows"] if r["row"] != "faithful"):
         rows = [r for r in A["rows"] if r["row"] == name]
         d = ", ".join(f"{r['acc'] - bases[r['seed']]['acc']:+.2f} (seed {r['seed']})" for r in rows)
-        n = sum(apart(r["acc"], r["ci"], bases[r["seed"]]["acc"], bases[r["seed"]]["ci"]) for r in rows)
-        parts.append(f"`{name}` {d}, intervals apart on {n} of {len(rows)} seeds")
+        sep = [r["acc"] - bases[r["seed"]]["acc"] for r in rows
+               if apart(r["acc"], r["ci"], bases[r["seed"]]["acc"], bases[r["seed"]]["ci"])]
+        up, down = sum(x > 0 for x in sep), sum(x < 0 for x in sep)
+        parts.append(f"`{name}` {d}: ahead with intervals apart on {up} of {len(rows)} seeds"
+                     + (f", behind with intervals apart on {down}" if down else ""))
     return (f"Against the faithful row of the same seed: {'; '.join(parts)}. Measured {A['date']} on "
             f"{A['processor']}, {A['jobs']} rows side by side, one thread each.")
 
