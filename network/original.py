@@ -250,36 +250,6 @@ def to_project(state: Mapping[str, torch.Tensor], arch: str | None = None, *,
     return out
 
 
-def to_original(state: Mapping[str, torch.Tensor], arch: str | None = None, *,
-                pool: str | None = None) -> dict[str, torch.Tensor]:
-    """This project's state dict renamed as the original's (stem_relu=False ResNets only: the original
-    has no stem ReLU, which the names cannot show). Conv4 gets both names of each tensor, as the
-    original saves them; pool ('flatten' | 'max') places the head, default from the head's shape.
-    Missing batch-norm statistics (batch_stats models) are filled with the defaults (0, 1, 0).
-    """
-    held = describe(state)
-    if held.naming != "project":
-        raise ValueError(f"the state dict already has the original's names (a {held.arch})")
-    arch = _check_arch(held, arch)
-    pool = pool or held.pool or "flatten"
-    out = {}
-    for o, p in _pairs(arch, pool):
-        if p in state:
-            out[o] = state[p]
-        elif _is_buffer(p):
-            c = out[o.rsplit(".", 1)[0] + ".weight"].shape[0]
-            out[o] = {"running_mean": torch.zeros(c), "running_var": torch.ones(c),
-                      "num_batches_tracked": torch.tensor(0)}[p.rsplit(".", 1)[-1]]
-        else:
-            raise ValueError(f"the {arch} state dict lacks {p!r}")
-    if arch == "conv4":
-        for k in list(out):
-            m = re.fullmatch(r"trunk\.(\d)\.(C|BN)\.(\w+)", k)
-            if m:
-                out[f"trunk.{m[1]}.trunk.{0 if m[2] == 'C' else 1}.{m[3]}"] = out[k]
-    return out
-
-
 # ----------------------------------------------------------------------------- building
 
 def build_original(ckpt: Mapping, arch: str | None = None, *, way: int | None = None,

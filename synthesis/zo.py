@@ -9,22 +9,16 @@ For each image x_i (flattened, d = C*H*W) and directions u_ij uniform on the uni
     central (antithetic pairs), m = q / 2 directions:
         g_i = (d / m) * sum_{j<m} [(L(x_i + mu u_ij) - L(x_i - mu u_ij)) / (2 mu)] * u_ij
 
-Both are unbiased for the gradient of the mu-smoothed loss L_mu(x) = E_v L(x + mu v), v uniform in the
-unit ball (close to grad L for a smooth L and a small mu), because (d / mu) E_u[L(x + mu u) u] = grad L_mu(x):
-forward subtracts L(x) E[u] = 0; central, -u being distributed as u, has
-E[(L(x + mu u) - L(x - mu u)) u] = 2 E[L(x + mu u) u], hence its 1 / (2 mu) and d / m (not d / q).
-Both cost exactly q + 1 loss evaluations (API queries) per image: L(x_i) (the loss value recover reports
-and keeps; central does not use it in the estimate) and q perturbed copies (q directions, or q / 2 pairs).
-The central difference cancels the even terms of L's Taylor series around x_i (for a quadratic it is the
-exact directional derivative; forward's second-order term (mu / 2) u^T H u adds noise), at the price of
-half as many directions: which is closer to the gradient depends on mu, the curvature and |grad L|
-(experiments/fidelity.py measures it on the demo APIs).
+Both are unbiased for the gradient of the mu-smoothed loss E_v L(x + mu v) (v uniform in the unit ball),
+as (d / mu) E_u[L(x + mu u) u] is that gradient; -u being distributed as u, the central pair's expectation is
+twice one term's: hence 1 / (2 mu) and d / m. Both cost exactly q + 1 queries per image: L(x_i) (the loss
+recover reports and keeps) and q perturbed copies. Central cancels the second-order term (mu / 2) u^T H u
+at the price of half the directions (experiments/fidelity.py measures which wins on the demo APIs).
 
 Direction j is drawn from its own seed (q seeds per step from the caller's generator, for either
-estimator; central uses directions 0..q/2-1), so which directions a step uses depends on that generator
-alone: not on `numsplit` (the perturbed images are queried in numsplit chunks of directions, a memory
-knob), the threads or how the chunks are run (accel.sum_in_order); and the generator advances the same
-whichever estimator runs.
+estimator), so which directions a step uses depends on that generator alone: not on `numsplit` (the
+perturbed images are queried in numsplit chunks of directions, a memory knob), the threads or how the
+chunks are run (accel.sum_in_order).
 """
 from __future__ import annotations
 
@@ -83,37 +77,26 @@ def zo_grad(loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, q:
         return u
 
     def block_sum(j0: int, j1: int) -> torch.Tensor:
-        """sum_j [(L(x + mu u_j) - L(x)) / mu] u_j / |u_j| over directions j0..j1-1: [B, d]."""
+        """sum_j [finite difference along u_j] u_j / |u_j| over directions j0..j1-1: [B, d]."""
         with torch.no_grad():
             n = j1 - j0
             u = draw(j0, j1)
             inv_norm = u.norm(dim=2, keepdim=True).reciprocal_()           # u / |u| is uniform on the sphere
-            xs = torch.addcmul(xf.unsqueeze(0), u, inv_norm, value=mu)      # x + mu * u_unit
-            loss = loss_of(from_flat(xs.view(n * b, d))).reshape(n, b).to(acc)     # n*B queries
+            if estimator == "forward":
+                xs = torch.addcmul(xf.unsqueeze(0), u, inv_norm, value=mu)  # x + mu * u_unit
+                diff = (loss_of(from_flat(xs.view(n * b, d))).reshape(n, b).to(acc) - loss0).div_(mu)  # n*B queries
+            else:       # one call of 2n copies, copy-major: x + mu u_unit, then x - mu u_unit
+                xs = torch.cat([torch.addcmul(xf.unsqueeze(0), u, inv_norm, value=v) for v in (mu, -mu)])
+                loss = loss_of(from_flat(xs.view(2 * n * b, d))).reshape(2, n, b).to(acc)       # 2n*B queries
+                diff = (loss[0] - loss[1]).div_(2 * mu)
             del xs
-            coef = (loss - loss0).div_(mu).mul_(inv_norm.squeeze(2)).to(u.dtype)   # [n, B]
+            coef = diff.mul_(inv_norm.squeeze(2)).to(u.dtype)                                  # [n, B]
             return torch.bmm(coef.t().unsqueeze(1), u.transpose(0, 1)).squeeze(1)  # per image: coef · u
-
-    def block_sum_central(j0: int, j1: int) -> torch.Tensor:
-        """sum_j [(L(x + mu u_j) - L(x - mu u_j)) / (2 mu)] u_j / |u_j| over directions j0..j1-1: [B, d]."""
-        with torch.no_grad():
-            n = j1 - j0
-            u = draw(j0, j1)
-            inv_norm = u.norm(dim=2, keepdim=True).reciprocal_()
-            # one call of 2n copies, copy-major: the n copies x + mu u, then the n copies x - mu u
-            xs = torch.empty(2, n, b, d, dtype=x.dtype, device=x.device)
-            torch.addcmul(xf.unsqueeze(0), u, inv_norm, value=mu, out=xs[0])
-            torch.addcmul(xf.unsqueeze(0), u, inv_norm, value=-mu, out=xs[1])
-            loss = loss_of(from_flat(xs.view(2 * n * b, d))).reshape(2, n, b).to(acc)   # 2n*B queries
-            del xs
-            coef = (loss[0] - loss[1]).div_(2 * mu).mul_(inv_norm.squeeze(2)).to(u.dtype)  # [n, B]
-            return torch.bmm(coef.t().unsqueeze(1), u.transpose(0, 1)).squeeze(1)
 
     with torch.no_grad():
         loss0 = loss_of(x).reshape(b).to(acc)                           # L(x): B queries
         grad = torch.zeros(b, d, dtype=acc, device=x.device)
-        block = block_sum if estimator == "forward" else block_sum_central
-        accel.sum_in_order(block, accel.direction_blocks(m, numsplit, x.device), grad, concurrent)
+        accel.sum_in_order(block_sum, accel.direction_blocks(m, numsplit, x.device), grad, concurrent)
         grad.mul_(d / m)                                                # m = q for forward: d / q as before
     return from_flat(grad.to(x.dtype)), loss0
 
