@@ -253,14 +253,20 @@ def ablation_recipes(R: dict) -> str:
     return "\n".join(lines)
 
 
+def _switch_rows(A: dict) -> tuple[dict, dict]:
+    """(the faithful row of each seed, {row name: its rows}, names in the file's order)."""
+    groups = {}
+    for r in A["rows"]:
+        groups.setdefault(r["row"], []).append(r)
+    return {r["seed"]: r for r in groups["faithful"]}, groups
+
+
 def ablation_switches(R: dict) -> str:
     """The faithful switches (results/ablation_switches.json): each row against the faithful row of its seed."""
-    A = R["ablation_switches"]
-    bases = {r["seed"]: r for r in A["rows"] if r["row"] == "faithful"}
+    bases, groups = _switch_rows(R["ablation_switches"])
     lines = ["| row | main.py flags | seed | 5-way 1-shot (%) | vs faithful | API queries | visits |",
              "|---|---|---|---|---|---|---|"]
-    for r in sorted(A["rows"], key=lambda r: (list(dict.fromkeys(x["row"] for x in A["rows"])).index(r["row"]),
-                                              r["seed"])):
+    for r in (r for rows in groups.values() for r in sorted(rows, key=lambda r: r["seed"])):
         base = bases[r["seed"]]
         flags = f"`{r['flags']}`" if r["flags"] else "(defaults)"
         lines.append(f"| {r['row']} | {flags} | {r['seed']} | {acc(r)} | {'—' if r is base else vs(r, base)} | "
@@ -271,15 +277,16 @@ def ablation_switches(R: dict) -> str:
 def ablation_switches_summary(R: dict) -> str:
     """Per switch: its difference to the faithful row on each seed, and on how many seeds the CIs are apart."""
     A = R["ablation_switches"]
-    bases = {r["seed"]: r for r in A["rows"] if r["row"] == "faithful"}
+    bases, groups = _switch_rows(A)
     parts = []
-    for name in dict.fromkeys(r["row"] for r in A["rows"] if r["row"] != "faithful"):
-        rows = [r for r in A["rows"] if r["row"] == name]
-        d = ", ".join(f"{r['acc'] - bases[r['seed']]['acc']:+.2f} (seed {r['seed']})" for r in rows)
-        sep = [r["acc"] - bases[r["seed"]]["acc"] for r in rows
-               if apart(r["acc"], r["ci"], bases[r["seed"]]["acc"], bases[r["seed"]]["ci"])]
+    for name, rows in groups.items():
+        if name == "faithful":
+            continue
+        d = [(r, r["acc"] - bases[r["seed"]]["acc"]) for r in rows]
+        sep = [x for r, x in d if apart(r["acc"], r["ci"], bases[r["seed"]]["acc"], bases[r["seed"]]["ci"])]
         up, down = sum(x > 0 for x in sep), sum(x < 0 for x in sep)
-        parts.append(f"`{name}` {d}: ahead with intervals apart on {up} of {len(rows)} seeds"
+        diffs = ", ".join(f"{x:+.2f} (seed {r['seed']})" for r, x in d)
+        parts.append(f"`{name}` {diffs}: ahead with intervals apart on {up} of {len(rows)} seeds"
                      + (f", behind with intervals apart on {down}" if down else ""))
     return (f"Against the faithful row of the same seed: {'; '.join(parts)}. Measured {A['date']} on "
             f"{A['processor']}, {A['jobs']} rows side by side, one thread each.")
