@@ -138,6 +138,11 @@ class Config:
                             choices=("logits", "probs"))
     memory_quantize: str = _pool("truncate", "the task memory's 8-bit pixels: truncate (as the original's PNG files) "
                                              "| round", choices=("truncate", "round"))
+    api_trust: str = _pool("off", "judge each visited API before its recovered sets are used: off (every API trusted, "
+                                  "as the original) | agree (its answers' sharpness and its agreement with other "
+                                  "APIs and the memory; an untrusted API's visit is dropped and the API no longer "
+                                  "drawn; docs/robustness.md)", choices=("off", "agree"))
+    api_trust_judges: int = _pool(3, "with --api_trust agree: other APIs queried per class of the judged API")
     mh_generator: str = _pool("shared", "API-MH: one 84x84 generator for every visit, a 32x32 API seeing a random "
                                         "32x32 window of its images (as the original) | per_api (each API's size)",
                               choices=("shared", "per_api"))
@@ -366,7 +371,10 @@ def visit_cost(cfg: Config) -> int:
     plus q perturbed copies with --ZO; then the API labels the kept images once."""
     per_step = (cfg.q + 1) if cfg.ZO else 1
     images = cfg.way_pretrain * (cfg.num_sup_kd + cfg.num_qur_kd)
-    return images * (recovery_steps(cfg) * per_step + 1)
+    # --api_trust: each judge (at most judges per class) sees the support set, and the API as many images of
+    # each judge's classes from the memory
+    judging = 2 * cfg.way_pretrain ** 2 * cfg.api_trust_judges * cfg.num_sup_kd
+    return images * (recovery_steps(cfg) * per_step + 1) + (judging if cfg.api_trust != "off" else 0)
 
 
 def recovery_steps(cfg: Config) -> int:

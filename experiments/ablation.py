@@ -71,24 +71,30 @@ def _run(cmd: list[str], log: str, threads: int) -> None:
         raise RuntimeError(f"`python {' '.join(cmd)}` failed; see {log}")
 
 
-def run_row(name: str, out: str, data_root: str, test_tasks: int, seed: int = SEED) -> dict:
-    flags, pool = ROWS[name]
-    tag = name if seed == SEED else f"{name}_seed{seed}"
+def run_main(tag: str, flags: list[str], pool: str, out: str, data_root: str, test_tasks: int, seed: int) -> dict:
+    """`main.py --preset demo <flags> --seed S` on the pool at `pool` into <out>/<tag>, then the 600-task
+    (test_tasks) 1-shot evaluation of its best.pth into <out>/eval/<tag>; skips what is finished."""
     run, ev = os.path.join(out, tag), os.path.join(out, "eval", tag)
     log = os.path.join(out, f"{tag}.log")
     t0 = time.time()
     common = ["--preset", "demo", "--data_root", data_root]
     if not os.path.isfile(os.path.join(run, "summary.json")):
-        _run(["main.py", *common, *flags, "--seed", str(seed), "--pretrained_path_prefix",
-              os.path.join(out, f"pool_{pool}"), "--out_dir", run, "--resume"], log, 1)
+        _run(["main.py", *common, *flags, "--seed", str(seed), "--pretrained_path_prefix", pool, "--out_dir", run,
+              "--resume"], log, 1)
     if not os.path.isfile(os.path.join(ev, "summary.json")):
         _run(["main.py", *common, *flags, "--evaluate", os.path.join(run, "best.pth"), "--num_sup_test", "1",
               "--episode_test", str(test_tasks), "--out_dir", ev, "--resume"], log, 1)
     train, test = (json.load(open(os.path.join(d, "summary.json"))) for d in (run, ev))
-    return {"row": name, "seed": seed, "flags": " ".join(flags), "pool": " ".join(POOLS[pool]) or "(defaults)",
-            "acc": round(test["test_acc"], 2), "ci": round(test["test_ci"], 2), "api_queries": train["api_queries"],
-            "api_visits": train["api_visits"], "train_seconds": train["wall_seconds"],
-            "this_call_seconds": round(time.time() - t0, 1)}
+    return {"seed": seed, "flags": " ".join(flags), "acc": round(test["test_acc"], 2), "ci": round(test["test_ci"], 2),
+            "api_queries": train["api_queries"], "api_visits": train["api_visits"],
+            "train_seconds": train["wall_seconds"], "this_call_seconds": round(time.time() - t0, 1)}
+
+
+def run_row(name: str, out: str, data_root: str, test_tasks: int, seed: int = SEED) -> dict:
+    flags, pool = ROWS[name]
+    tag = name if seed == SEED else f"{name}_seed{seed}"
+    r = run_main(tag, flags, os.path.join(out, f"pool_{pool}"), out, data_root, test_tasks, seed)
+    return {"row": name, **r, "pool": " ".join(POOLS[pool]) or "(defaults)"}
 
 
 def markdown(rows: list[dict], meta: dict) -> str:

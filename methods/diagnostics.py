@@ -26,16 +26,22 @@ def log_visit(tb, r: dict, task_id: int, visits: int, queries: int) -> None:
     tb.add_scalar("kd/outer_loss", r["loss"], task_id)
     tb.add_scalar("kd/acc_query", r["acc"], task_id)
     tb.add_scalar("kd/api_confidence", r["api_confidence"], task_id)
+    tb.add_scalar("api/visits", visits, task_id)
+    tb.add_scalar("api/queries", queries, task_id)
+    if r["verdict"] is not None:        # --api_trust
+        for k in ("sharpness", "agreement", "trusted"):
+            if r["verdict"][k] is not None:
+                tb.add_scalar(f"trust/{k}", float(r["verdict"][k]), task_id)
+    tb.add_scalar("kd/seconds_per_visit", r["seconds"], task_id)
+    tb.add_scalar("kd/queries_per_visit", sum(r["queries"].values()), task_id)
+    tb.add_scalar("kd/recovery_steps_per_visit", r["recovery_steps"], task_id)
+    if r["support"] is None:            # dropped by --api_trust: nothing recovered to show
+        return
     (sx, sy), (qx, qy) = r["support"], r["query"]
     div = class_diversity(torch.cat([sx, qx]), torch.cat([sy, qy]))
     if div:
         tb.add_scalar("kd/class_diversity_mean", float(np.mean(list(div.values()))), task_id)
         tb.add_scalar("kd/class_diversity_min", min(div.values()), task_id)
-    tb.add_scalar("kd/seconds_per_visit", r["seconds"], task_id)
-    tb.add_scalar("kd/queries_per_visit", sum(r["queries"].values()), task_id)
-    tb.add_scalar("kd/recovery_steps_per_visit", r["recovery_steps"], task_id)
-    tb.add_scalar("api/visits", visits, task_id)
-    tb.add_scalar("api/queries", queries, task_id)
     log_images(tb, r["support"], r["query"], len(sy.unique()), task_id)
 
 

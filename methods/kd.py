@@ -12,6 +12,8 @@ over images and classes (softmax outputs where log-probabilities belong); "kl", 
 over images. p: the API's probabilities. API-MH with one shared generator (mh_generator "shared", the
 original): the sets are recovered at the meta model's size and A crops a window of the API's size.
 
+With --api_trust, a judge (methods/trust.py) reads S and the API's answers on it first; an API it does
+not trust ends the visit there: no query set, a zero outer loss, nothing for the memory.
 The memory (methods/memory.py) later receives S and Q un-augmented. With second-order MAML the inner
 loop keeps no step's graph (maml.adapt's recompute): the query set is recovered while no graph is
 alive, and the outer backward rebuilds one step at a time.
@@ -40,10 +42,11 @@ class KDOutcome:
     loss: torch.Tensor              # outer KL on the query set through θ' (graph to θ)
     acc: float                      # f_θ' accuracy on Q against the targeted classes, percent
     kl_before: float                # KL on Q with θ (no adaptation), for diagnostics
-    support: tuple[torch.Tensor, torch.Tensor]   # (images in [0, 1], absolute class ids)
-    query: tuple[torch.Tensor, torch.Tensor]
+    support: tuple[torch.Tensor, torch.Tensor] | None   # (images in [0, 1], absolute class ids); None: dropped
+    query: tuple[torch.Tensor, torch.Tensor] | None
     api_confidence: float = float("nan")         # mean API probability of the target class (both sets)
     recovery_steps: int = 0                      # generator steps of the visit (both sets)
+    verdict: dict | None = None                  # the judge's record (--api_trust)
 
 
 def bounded_student(fn, chunk: int):
@@ -77,17 +80,19 @@ KD_LOSSES = {"original": original_kd_loss, "kl": kl_loss}
 
 
 def kd_task(model: nn.Module, params: Params, api, cfg: Config, prep: Prep, *, boundary: bool,
-            generator: torch.Generator | None = None, meta_generator=None) -> KDOutcome:
+            generator: torch.Generator | None = None, meta_generator=None, judge=None) -> KDOutcome:
     """One bi-level KD task against `api`, on cfg.visit_threads CPU threads (0: the process's).
 
     boundary: recover the query set with the boundary term (adv = cfg.adv).
     meta_generator: a synthesis.meta_generator.MetaGenerator: each set starts from it, runs
-    cfg.meta_generator_steps steps, and updates it (Reptile); None: fresh generators (the original)."""
+    cfg.meta_generator_steps steps, and updates it (Reptile); None: fresh generators (the original).
+    judge: (api, S, its labels, the API's probabilities on S) -> a verdict with "trusted" (methods/trust.py)."""
     with accel.cpu_threads(cfg.visit_threads):
-        return _visit(model, params, api, cfg, prep, boundary, generator, meta_generator)
+        return _visit(model, params, api, cfg, prep, boundary, generator, meta_generator, judge)
 
 
-def _visit(model, params, api, cfg: Config, prep: Prep, boundary: bool, generator, meta_generator) -> KDOutcome:
+def _visit(model, params, api, cfg: Config, prep: Prep, boundary: bool, generator, meta_generator,
+           judge) -> KDOutcome:
     way = len(api.classes)
     classes = torch.as_tensor(api.classes, dtype=torch.long)
     device = getattr(api, "device", "cpu")
@@ -106,6 +111,11 @@ def _visit(model, params, api, cfg: Config, prep: Prep, boundary: bool, generato
     sx, sy = recover_set("support", cfg.num_sup_kd)
     sxa = augment_set(sx, cfg.kd_augment, generator, api.spec.image_size)
     sp = api_probs(api, sxa)
+    verdict = judge(api, sx, sy, sp) if judge is not None else None
+    if verdict is not None and not verdict["trusted"]:
+        zero = sum(p.sum() for p in params.values()) * 0.0       # a loss with a (zero) gradient to θ
+        return KDOutcome(zero, float("nan"), float("nan"), None, None,
+                         sp.gather(1, sy.to(sp.device)[:, None]).mean().item(), recovery_steps(cfg), verdict)
     adapted = adapt(model, params, prep(sxa), sp, loss_fn, cfg.inner_update_num_kd, cfg.inner_lr,
                     way=way, first_order=cfg.approx, recompute=not cfg.approx)
 
@@ -127,4 +137,4 @@ def _visit(model, params, api, cfg: Config, prep: Prep, boundary: bool, generato
     confidence = torch.cat([sp.gather(1, sy.to(sp.device)[:, None]), qp.gather(1, qy.to(qp.device)[:, None])])
     return KDOutcome(loss, percent(hits(logits.detach(), qy.to(logits.device))), kl_before,
                      (sx.detach(), classes[sy.cpu()]), (qx.detach(), classes[qy.cpu()]),
-                     confidence.mean().item(), 2 * recovery_steps(cfg))
+                     confidence.mean().item(), 2 * recovery_steps(cfg), verdict)

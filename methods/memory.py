@@ -10,7 +10,7 @@ On disk (a run's checkpoint) the memory is a folder of append-only batch files p
 
     <folder>/batch_<id>.pt   one `add` (one recovered set): {"id", "images": {class: uint8 [n, C, S, S]}},
                              written once, at the first save after the add, never rewritten
-    index (in last.pth)      {"batches": {class: [id, ...]} oldest first, "next_id", ...}
+    index (in last.pth)      {"batches": {class: [id, ...]} oldest first, "next_id", "owners": {id: API}, ...}
 
 `save` writes only the batches added since the previous save and returns the index; once the
 checkpoint holding the index is committed, `prune` deletes the files it no longer refers to. A
@@ -63,11 +63,13 @@ class TaskMemory:
         self._store: dict[int, deque] = {}     # class -> deque of (batch id, uint8 images)
         self._next_id = 0
         self._on_disk: set[int] = set()        # batch ids with a file as of the last save or load
+        self._owner: dict[int, str] = {}       # batch id -> the API it was recovered from (when given)
         self.bytes_written = 0                 # by the last save
 
     # -- filling
-    def add(self, images: torch.Tensor, labels) -> None:
-        """images [N, C, H, W] in [0, 1]; labels [N] absolute class ids. One batch per class present."""
+    def add(self, images: torch.Tensor, labels, owner: str | None = None) -> int:
+        """images [N, C, H, W] in [0, 1]; labels [N] absolute class ids. One batch per class present;
+        owner: the API the images were recovered from (drop_owner removes them). Returns the batch id."""
         labels = torch.as_tensor(labels).reshape(-1).cpu()
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"TaskMemory.add: {images.shape[0]} images but {labels.shape[0]} labels")
@@ -79,9 +81,34 @@ class TaskMemory:
             if pixels.shape[1] != c_have:
                 raise ValueError(f"TaskMemory.add: {pixels.shape[1]}-channel images, memory holds {c_have}-channel")
         bid, self._next_id = self._next_id, self._next_id + 1
+        if owner is not None:
+            self._owner[bid] = owner
         for c in labels.unique().tolist():
             buf = self._store.setdefault(int(c), deque(maxlen=self.max_batch_per_class))
             buf.append((bid, pixels[labels == c].contiguous()))
+        return bid
+
+    def owner(self, bid: int) -> str | None:
+        """The API batch `bid` was recovered from (None: not given)."""
+        return self._owner.get(bid)
+
+    def owned_by(self, owner: str) -> list[int]:
+        """Ids of the batches held that were recovered from API `owner`."""
+        held = {bid for buf in self._store.values() for bid, _ in buf}
+        return sorted(b for b, o in self._owner.items() if o == owner and b in held)
+
+    def drop_owner(self, owner: str) -> int:
+        """Remove every batch recovered from API `owner`; returns how many images went."""
+        gone = set(self.owned_by(owner))
+        n = 0
+        for c, buf in list(self._store.items()):
+            keep = [(bid, b) for bid, b in buf if bid not in gone]
+            n += sum(b.shape[0] for bid, b in buf if bid in gone)
+            if keep:
+                self._store[c] = deque(keep, maxlen=self.max_batch_per_class)
+            else:
+                del self._store[c]
+        return n
 
     # -- what is in it
     @property
@@ -141,6 +168,10 @@ class TaskMemory:
         """The uint8 batches held for class c, oldest first."""
         return [b for _, b in self._store.get(int(c), ())]
 
+    def items(self, c: int) -> list[tuple[int, torch.Tensor]]:
+        """(batch id, uint8 images) held for class c, oldest first."""
+        return list(self._store.get(int(c), ()))
+
     def equals(self, other: "TaskMemory") -> bool:
         """Same classes, same batches in the same order, same pixels."""
         if self.classes != other.classes:
@@ -151,7 +182,8 @@ class TaskMemory:
     # -- resume: everything in one dict (small memories, tests)
     def state_dict(self) -> dict:
         return {"max_batch_per_class": self.max_batch_per_class, "image_size": self.image_size,
-                "store": {c: [b for _, b in buf] for c, buf in self._store.items()}}
+                "store": {c: [b for _, b in buf] for c, buf in self._store.items()},
+                "owners": {c: [self._owner.get(bid) for bid, _ in buf] for c, buf in self._store.items()}}
 
     def _check_size(self, state: dict) -> None:
         if int(state["image_size"]) != self.image_size:
@@ -164,10 +196,13 @@ class TaskMemory:
             self.load(state, folder)
             return
         self._check_size(state)
-        self._store, self._next_id, self._on_disk = {}, 0, set()
+        self._store, self._next_id, self._on_disk, self._owner = {}, 0, set(), {}
         for c, bs in state["store"].items():    # every batch gets an id; none has a file yet
             self._store[int(c)] = deque(((self._next_id + i, b) for i, b in enumerate(bs)),
                                         maxlen=self.max_batch_per_class)
+            for i, o in enumerate(state.get("owners", {}).get(c, ())):
+                if o is not None:
+                    self._owner[self._next_id + i] = o
             self._next_id += len(bs)
 
     # -- resume: append-only batch files in a folder and an index (a run's checkpoint)
@@ -190,7 +225,8 @@ class TaskMemory:
         held = {c: [bid for bid, _ in buf] for c, buf in self._store.items()}
         self._on_disk = {bid for ids in held.values() for bid in ids}
         index = {"format": "batch_files", "max_batch_per_class": self.max_batch_per_class,
-                 "image_size": self.image_size, "next_id": self._next_id, "batches": held}
+                 "image_size": self.image_size, "next_id": self._next_id, "batches": held,
+                 "owners": {bid: o for bid, o in self._owner.items() if bid in self._on_disk}}
         if preview:
             index["store"] = {c: [self._first(c, preview)] for c in self._store}
         return index
@@ -241,6 +277,7 @@ class TaskMemory:
                 buf.append((bid, images))
             store[int(c)] = buf
         self._store, self._next_id, self._on_disk = store, int(index["next_id"]), set(files)
+        self._owner = {int(b): o for b, o in index.get("owners", {}).items()}
 
 
 class BatchCounts:

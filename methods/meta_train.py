@@ -4,7 +4,7 @@
         plan     which tasks visit an API (the first task, then whenever the trigger asks; also while the
                  memory cannot yet supply a replay task), and which API: the first draw of the task's rng
         visit    each planned task is one bi-level KD task (methods/kd.py); its recovered sets join the
-                 task memory, in task order
+                 task memory, in task order (--api_trust: unless the judge of methods/trust.py drops it)
         replay   every other task is a MAML task drawn from the memory (methods/replay.py), run by the
                  executor (accel: one at a time, lanes or vmap)
         step     θ <- Adam step on the summed outer losses
@@ -29,7 +29,7 @@ import accel
 from core import dist, run_dir
 from core.config import Config, default_out_dir, visit_cost
 from core.device import pick_device
-from core.errors import FlagError, Interrupted, QueryBudgetExceeded
+from core.errors import FlagError, Interrupted, PoolError, QueryBudgetExceeded
 from core.io import read_json
 from core.seeding import forked_rng, seed_torch, task_rng
 
@@ -42,6 +42,7 @@ from .maml import meta_params, percent, task_loss
 from .meta_gradient import TaskGrads
 from .meta_model import build_meta_model, meta_input
 from .replay import draw_replay
+from .trust import make_judge
 from .run_state import LoopState, Run
 
 
@@ -137,8 +138,8 @@ def loop(run: Run) -> None:
         losses, accs = meta_batch(run, list(range(s.task + 1, s.task + n + 1)))
         s.task += n
         run.optimizer.step()
-        s.train_acc = float(np.mean(accs))
-        if s.best_batch_acc is None or s.train_acc > s.best_batch_acc:      # the trigger
+        s.train_acc = float(np.nanmean(accs)) if not np.isnan(accs).all() else float("nan")
+        if not np.isnan(s.train_acc) and (s.best_batch_acc is None or s.train_acc > s.best_batch_acc):  # the trigger
             s.best_batch_acc, s.e_count = s.train_acc, 0
         else:
             s.e_count += 1
@@ -177,15 +178,31 @@ def meta_batch(run: Run, ids: list[int]) -> tuple[list[float], list[float]]:
     for i, r in dist.gather_items(visits, procs).items():      # their sets join the memory, on every process
         if r["rank"] != procs.rank:
             run.pool.add_queries(r["queries"])
-        run.memory.add(*r["support"])
-        run.memory.add(*r["query"])
+        if r["verdict"] is not None:
+            past = run.state.trust_history.setdefault(r["api"], {"sharpness": [], "agreement": []})
+            past["sharpness"].append(r["verdict"]["sharpness"])
+            if r["verdict"]["agreement"] is not None:
+                past["agreement"].append(r["verdict"]["agreement"])
+        if r["support"] is not None:
+            run.memory.add(*r["support"], owner=r["api"])
+            run.memory.add(*r["query"], owner=r["api"])
+        elif r["api"] not in run.state.distrusted:     # --api_trust dropped the visit
+            run.state.distrusted.append(r["api"])
+            r["verdict"]["memory_images_dropped"] = run.memory.drop_owner(r["api"])
         run.state.api_visits += 1
         run.state.recovery_steps += r["recovery_steps"]
         run.state.visit_next = False
         if procs.is_main:
             log_visit(run.tb, r, ids[i], run.state.api_visits, run.queries())
+            if r["verdict"] is not None:
+                run.metrics.write({"task": ids[i], "visit": run.state.api_visits, "trust": r["verdict"]})
         done[i] = (r["loss"], r["acc"])
-    mine = [i for i, planned in enumerate(plan) if planned is None and procs.owns(i)]    # 2. replay
+    # 2. replay (a task the memory cannot supply, after --api_trust dropped a planned visit, is skipped)
+    sampled = run.real is not None or run.memory.can_sample(cfg.way_train, cfg.num_sup_train, cfg.num_qur_train)
+    for i, planned in enumerate(plan):
+        if planned is None and not sampled:
+            done[i] = (0.0, float("nan"))
+    mine = [i for i, planned in enumerate(plan) if planned is None and sampled and procs.owns(i)]
     tasks = [draw_replay(run.real if run.real is not None else run.memory, cfg, ids[i], device) for i in mine]
     kw = dict(steps=cfg.inner_update_num, lr=cfg.inner_lr, way=cfg.way_train, first_order=cfg.approx)
     out = accel.grad_tasks(run.ex, run.model, lambda m, p, *t: task_loss(m, p, *t, **kw), meta_params(run.model),
@@ -219,7 +236,7 @@ def plan_meta_batch(run: Run, ids: list[int]) -> list:
             s.budget_note = True
         if wanted:
             rng = task_rng(cfg.seed, task_id)
-            entry = run.pool.pick(rng)
+            entry = pick_trusted(run.pool, rng, s.distrusted)
             counts.add(entry.classes, cfg.num_sup_kd, cfg.num_qur_kd)
             queries += visit_cost(cfg)
             visit_next = False
@@ -233,6 +250,16 @@ def plan_meta_batch(run: Run, ids: list[int]) -> list:
     return out
 
 
+def pick_trusted(pool, rng, distrusted: list[str]):
+    """The API a visit draws: pool.pick, drawn again while it names a distrusted API (--api_trust)."""
+    for _ in range(100 * len(pool)):
+        entry = pool.pick(rng)
+        if entry.name not in distrusted:
+            return entry
+    raise PoolError(f"--api_trust distrusts every API of the pool ({len(distrusted)}); see the trust records in "
+                    "metrics.jsonl, or run without --api_trust")
+
+
 def visit(run: Run, task_id: int, entry, rng) -> tuple:
     """Task `task_id` as a visit to the planned API (one bi-level KD task); (its outcome, the record every
     process needs of it: recovered sets, queries, diagnostics)."""
@@ -240,13 +267,18 @@ def visit(run: Run, task_id: int, entry, rng) -> tuple:
     before, t = dict(run.pool.meter.per_api), time.time()
     with forked_rng(run.device):
         api = run.pool.open(entry)          # opening draws from the global RNG: before seeding it
+        judge = (make_judge(run.pool, run.memory, entry, run.state.distrusted,
+                            run.state.trust_history.get(entry.name, {}), cfg, task_id)
+                 if cfg.api_trust != "off" else None)
         out = kd_task(run.model, meta_params(run.model), api, cfg, run.prep, generator=seed_torch(rng, run.device),
-                      boundary=task_id // cfg.episode_batch > cfg.advstartit, meta_generator=run.meta_generator)
+                      boundary=task_id // cfg.episode_batch > cfg.advstartit, meta_generator=run.meta_generator,
+                      judge=judge)
     spent = {k: v - before.get(k, 0) for k, v in run.pool.meter.per_api.items() if v != before.get(k, 0)}
     return out, {"rank": run.procs.rank, "loss": out.loss.item(), "acc": out.acc, "kl_before": out.kl_before,
                  "api_confidence": out.api_confidence, "seconds": time.time() - t, "queries": spent,
-                 "recovery_steps": out.recovery_steps,
-                 "support": tuple(v.cpu() for v in out.support), "query": tuple(v.cpu() for v in out.query)}
+                 "recovery_steps": out.recovery_steps, "api": entry.name, "verdict": out.verdict,
+                 "support": out.support and tuple(v.cpu() for v in out.support),
+                 "query": out.query and tuple(v.cpu() for v in out.query)}
 
 
 def stopped(run: Run, why: str) -> Interrupted:

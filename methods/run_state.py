@@ -36,6 +36,8 @@ class LoopState:
     best_test_task: int = 0
     last_res: dict = field(default_factory=dict)
     train_acc: float = 0.0          # last meta-batch's training accuracy
+    distrusted: list = field(default_factory=list)     # --api_trust: the APIs no longer drawn, in order
+    trust_history: dict = field(default_factory=dict)  # --api_trust: {API: its visits' sharpness, agreement}
 
 
 class _Silent:

@@ -27,7 +27,7 @@ def read_metrics(run: str, split: str) -> list[dict]:
     headline = "mean" if dataset == "mix" else dataset
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return sorted((r for r in rows if r["split"] == split and r.get("dataset", headline) == headline),
+    return sorted((r for r in rows if r.get("split") == split and r.get("dataset", headline) == headline),
                   key=lambda r: r["task"])
 
 

@@ -40,6 +40,11 @@ class APIEntry:
     classes: tuple[int, ...]    # absolute ids in the run's label space (MH: offset added)
     val_acc: float | None
 
+    @property
+    def name(self) -> str:
+        """How runs and deceptive pools' truth files name the API: <dataset>/<arch>/<index>."""
+        return f"{self.dataset}/{self.arch}/{self.index}"
+
 
 def _read_entry(path: str, dataset: str, arch: str, way: int, index: int, offset: int) -> APIEntry:
     meta = read_meta(path, expect={"dataset": dataset, "arch": arch, "way": way})
