@@ -493,6 +493,64 @@ def refactor_zo(R: dict) -> str:
     return "\n".join(lines)
 
 
+def _robustness_cells(R: dict) -> tuple[dict, list, list]:
+    X = R["robustness"]
+    cells = {(r["fraction"], r["defence"], r["seed"]): r for r in X["rows"]}
+    return cells, sorted({r["fraction"] for r in X["rows"]}), sorted({r["seed"] for r in X["rows"]}, reverse=True)
+
+
+def robustness(R: dict) -> str:
+    """Accuracy against the share of deceptive APIs, undefended and with --api_trust agree, per seed
+    (results/robustness.json), each defended run against the undefended run on the clean pool."""
+    X = R["robustness"]
+    cells, fractions, seeds = _robustness_cells(R)
+    lines = ["| deceptive APIs | seed | undefended: 1-shot (%) | vs clean | `--api_trust agree`: 1-shot (%) | "
+             "vs clean (undefended) | queries (undefended / defended) |", "|---|---|---|---|---|---|---|"]
+    for f in fractions:
+        for seed in seeds:
+            off, on, clean = cells[(f, "off", seed)], cells[(f, "agree", seed)], cells[(0.0, "off", seed)]
+            lines.append(f"| {round(100 * f)}% | {seed} | {acc(off)} | {'—' if off is clean else vs(off, clean)} | "
+                         f"{acc(on)} | {vs(on, clean)} | {thousands(off['api_queries'])} / "
+                         f"{thousands(on['api_queries'])} |")
+    lines += ["", f"Demo preset with a pool of {X['apis']} APIs (`--APInum {X['apis']}`), model chosen on meta_val; "
+                  f"5-way 1-shot meta-test accuracy ± 95% CI over {X['test_tasks']} tasks. Measured {X['date']} on "
+                  f"{X['processor']}, {X['jobs']} runs side by side. Command: `{X['command']}`."]
+    return "\n".join(lines)
+
+
+def robustness_detection(R: dict) -> str:
+    """Per kind of API: how many the defended runs judged, and how many of those they distrusted."""
+    cells, fractions, seeds = _robustness_cells(R)
+    kinds = ("labels", "untrained", "uniform", "honest")
+    lines = ["| deceptive APIs | seed | " + " | ".join(f"{k}: distrusted / judged" for k in kinds) +
+             " | precision | recall |", "|---|---|" + "---|" * (len(kinds) + 2)]
+    for f in fractions:
+        for seed in seeds:
+            det = cells[(f, "agree", seed)]["detection"]
+            got = {k: det.get(k, {"visited": 0, "distrusted": 0}) for k in kinds}
+            flagged = sum(v["distrusted"] for v in got.values())
+            bad = [got[k] for k in kinds if k != "honest"]
+            hit, judged = sum(v["distrusted"] for v in bad), sum(v["visited"] for v in bad)
+            prec = f"{hit}/{flagged}" if flagged else "—"
+            rec = f"{hit}/{judged}" if judged else "—"
+            lines.append(f"| {round(100 * f)}% | {seed} | " +
+                         " | ".join(f"{v['distrusted']} / {v['visited']}" if v["visited"] else "—" for v in got.values())
+                         + f" | {prec} | {rec} |")
+    return "\n".join(lines)
+
+
+def robustness_summary(R: dict) -> str:
+    """The issue's two checks, per seed: the defended run at the largest fraction against the clean pool's
+    undefended run, and the defence's cost on the clean pool."""
+    cells, fractions, seeds = _robustness_cells(R)
+    top = max(fractions)
+    worst = "; ".join(f"seed {s}: {cells[(top, 'agree', s)]['acc'] - cells[(0.0, 'off', s)]['acc']:+.2f} defended, "
+                      f"{cells[(top, 'off', s)]['acc'] - cells[(0.0, 'off', s)]['acc']:+.2f} undefended" for s in seeds)
+    cost = "; ".join(f"seed {s}: {cells[(0.0, 'agree', s)]['acc'] - cells[(0.0, 'off', s)]['acc']:+.2f}" for s in seeds)
+    return (f"At {round(100 * top)}% deceptive APIs, against the clean pool's undefended run: {worst}. "
+            f"On the clean pool the defence changes accuracy by {cost}.")
+
+
 GENERATORS = {
     "demo-provenance": ("demo", demo_provenance),
     "demo": ("demo", demo_table),
@@ -522,6 +580,9 @@ GENERATORS = {
     "difficulty": ("difficulty", difficulty),
     "refactor-demo": ("timings", refactor_demo),
     "refactor-zo": ("timings", refactor_zo),
+    "robustness": ("robustness", robustness),
+    "robustness-detection": ("robustness", robustness_detection),
+    "robustness-summary": ("robustness", robustness_summary),
 }
 
 

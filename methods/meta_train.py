@@ -252,12 +252,13 @@ def plan_meta_batch(run: Run, ids: list[int]) -> list:
 
 def pick_trusted(pool, rng, distrusted: list[str]):
     """The API a visit draws: pool.pick, drawn again while it names a distrusted API (--api_trust)."""
-    for _ in range(100 * len(pool)):
-        entry = pool.pick(rng)
+    entry = pool.pick(rng)
+    for _ in range(1000):
         if entry.name not in distrusted:
             return entry
-    raise PoolError(f"--api_trust distrusts every API of the pool ({len(distrusted)}); see the trust records in "
-                    "metrics.jsonl, or run without --api_trust")
+        entry = pool.pick(rng)
+    raise PoolError(f"--api_trust distrusts every API the run can draw ({', '.join(distrusted)}); see the trust "
+                    "records in metrics.jsonl, or run without --api_trust")
 
 
 def visit(run: Run, task_id: int, entry, rng) -> tuple:

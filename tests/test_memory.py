@@ -331,3 +331,27 @@ def test_memory_pixels_are_truncated_as_the_originals_pngs_or_rounded():
     assert Config().memory_quantize == "truncate"
     with pytest.raises(ValueError, match="truncate"):
         TaskMemory(2, quantize="nearest")
+
+
+def test_memory_drops_the_batches_of_one_api_and_remembers_owners_across_saves(tmp_path):
+    """--api_trust: the sets of an API it distrusts leave the memory; which API a batch came from survives a
+    checkpoint (batch files and index) and the state dict handed to other processes."""
+    mem = TaskMemory(3, image_size=32)
+    mem.add(class_images(1, 4), torch.full((4,), 1), owner="demo/conv4/0")
+    mem.add(torch.cat([class_images(1, 2, batch=1), class_images(2, 2, batch=1)]),
+            torch.tensor([1, 1, 2, 2]), owner="demo/conv4/5")
+    mem.add(class_images(2, 3, batch=2), torch.full((3,), 2))        # no owner given
+    assert mem.owned_by("demo/conv4/5") == [1] and mem.owner(0) == "demo/conv4/0" and mem.owner(2) is None
+    folder = str(tmp_path / "memory")
+    again = TaskMemory(3, 32)
+    again.load(mem.save(folder, preview=0), folder)
+    assert again.owned_by("demo/conv4/5") == [1] and again.owner(0) == "demo/conv4/0"
+    other = TaskMemory(3, 32)
+    other.load_state_dict(mem.state_dict())
+    assert len(other.owned_by("demo/conv4/5")) == 2          # one batch per class in a state dict
+    assert mem.drop_owner("demo/conv4/5") == 4
+    assert mem.count(1) == 4 and mem.count(2) == 3 and not mem.owned_by("demo/conv4/5")
+    assert tags(torch.cat(mem.batches(1)).float() / 255)[1].eq(0).all()     # API 0's batch is what is left
+    assert mem.drop_owner("demo/conv4/0") == 4 and mem.classes == [2]
+    TaskMemory.prune(folder, mem.save(folder, preview=0))
+    assert sorted(os.listdir(folder)) == [batch_file(2)]

@@ -356,6 +356,7 @@ def test_vmap_run_first_order_with_replay_augment_checks_each_meta_batch(demo_ro
 class _Entry:
     def __init__(self, classes):
         self.classes = classes
+        self.name = f"demo/conv4/{classes[0] // 5}"
 
 
 class _Pool:
@@ -406,6 +407,9 @@ def test_plan_visits_first_then_when_asked_or_when_the_memory_cannot_supply():
     run.pool.queries = 1
     run.memory.add(torch.rand(15, 3, 32, 32), torch.arange(5).repeat_interleave(3))
     assert plan_meta_batch(run, [1, 2]) == [None, None] and run.state.budget_note
+    run = _run_for_planning()                                             # --api_trust: a distrusted API is redrawn
+    run.state.distrusted = ["demo/conv4/1", "demo/conv4/2"]
+    assert plan_meta_batch(run, [1])[0][0].name == "demo/conv4/3"
 
 
 def test_a_stopped_run_says_which_checkpoint_is_kept():
