@@ -44,6 +44,8 @@ ROWS = {
     "memory_quantize_round": (["--memory_quantize", "round"], "faithful"),
     # additions to the paper (issue "Learn more from every query"), each alone on the faithful default
     "replay_augment": (["--replay_augment"], "faithful"),
+    # the improved recipe's recovery switches without its initialisation: the gain of recovery alone
+    "recovery_switches": (["--keep_best", "image", "--api_output", "probs"], "faithful"),
     "before_faithful_switches": (["--kd_loss", "kl", "--keep_best", "image", "--api_output", "probs",
                                   "--memory_quantize", "round"], "faithful"),
 }
