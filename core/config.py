@@ -158,6 +158,9 @@ class Config:
                                        "directions, as the original) | central ((L(x + mu u) - L(x - mu u)) / (2 mu) "
                                        "along q/2 directions, antithetic pairs; q must be even)",
                             choices=("forward", "central"), entry=S)
+    zo_resolution: int = _zo(0, "perturb at R x R per channel, upsampled to the image (R must divide its size): q "
+                                "directions then span a C*R*R-dimensional space of block images instead of all "
+                                "C*H*W pixels (0: full resolution, as the original; docs/queries.md)", low=0, entry=S)
     # API pretraining: every setting of this group shapes the pool, not a meta-training run (runtime there)
     api_seed: int = _api(0, "API i's classes and initial weights depend on (api_seed, i)", low=None)
     epochs: int | None = _api(None, "epochs per API (default: 60 cifar100/miniimagenet/demo, 100 cub)")

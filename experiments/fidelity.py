@@ -1,8 +1,9 @@
 """Gradient fidelity: how close is the zero-order estimate to the true gradient? Forward against central
-differences at equal queries, along recoveries from demo APIs.
+differences, and forward differences along low-resolution directions (--zo_resolution), at equal queries,
+along recoveries from demo APIs.
 
     python -m experiments.fidelity                     # makes the demo data and pool first if missing
-    python -m experiments.fidelity --pool PREFIX --data_root DIR --apis 0,1 --seeds 0,1 --qs 20,100
+    python -m experiments.fidelity --pool PREFIX --data_root DIR --apis 0,1 --seeds 0,1 --qs 20,100 --resolutions 8,4
 
 A recovery runs as `python -m synthesis` runs one: synthesis.recover with the demo preset's settings (q 20,
 mu 0.005 or --mu, 40 steps, zo_space normalized, logits answers; the support-set objective CE(API(n_i), y_i),
@@ -13,7 +14,8 @@ l_i, it also takes:
   - the true gradient dl_i/dn_i, by autograd through a white-box copy of the same API network (white-box
     access for this measurement only; the estimates query the black-box API, as recover does);
   - for each q of --qs and each estimator, one more estimate of q + 1 queries per image (forward: q
-    directions; central: q/2 pairs), from a generator apart from the recovery's, so the recovery follows
+    directions; central: q/2 pairs; "forward, RxR": q directions drawn at R x R per channel and upsampled,
+    for each R of --resolutions), from a generator apart from the recovery's, so the recovery follows
     the same path as without the measurement; at one q both estimators start from the same seed (central's
     directions are forward's first q/2: a paired comparison);
   - at the first step, the same estimators on the linear function <grad l_i, n - n_i> (exact directional
@@ -46,6 +48,11 @@ from experiments.ablation import _run, processor  # noqa: E402
 ESTIMATORS = ("forward", "central")
 
 
+def variants(resolutions: list[int]) -> list[tuple[str, str, int]]:
+    """(name, zo_grad estimator, resolution) of every estimate measured."""
+    return [(e, e, 0) for e in ESTIMATORS] + [(f"forward, {r}x{r}", "forward", r) for r in resolutions]
+
+
 class Probe:
     """The API recover is given: every query goes to the black box, as in recover; only a call that asks
     for a gradient (the measurement's) goes to the white-box copy of the same network."""
@@ -62,7 +69,8 @@ class Probe:
         return self.white(x) if torch.is_grad_enabled() and x.requires_grad else self.black(x)
 
 
-def measure(api, cfg, per_class: int, steps: int, seed: int, qs: list[int], drive: str, api_index: int) -> dict:
+def measure(api, cfg, per_class: int, steps: int, seed: int, qs: list[int], drive: str, api_index: int,
+            resolutions: list[int] = ()) -> dict:
     """One recovery; {"cos": {(estimator, q): [step][image] cosines}, "ceiling": {...}, "truth_norm",
     "loss", "white_black_gap"}."""
     import torch
@@ -71,7 +79,8 @@ def measure(api, cfg, per_class: int, steps: int, seed: int, qs: list[int], driv
     import synthesis.recover as rec
     from synthesis.zo import zo_grad
 
-    out = {"cos": {(e, q): [] for e in ESTIMATORS for q in qs}, "ceiling": {(e, q): [] for e in ESTIMATORS for q in qs},
+    kinds = variants(list(resolutions))
+    out = {"cos": {(e, q): [] for e, _, _ in kinds for q in qs}, "ceiling": {(e, q): [] for e, _, _ in kinds for q in qs},
            "truth_norm": [], "loss": [], "white_black_gap": 0.0}
 
     def cos(a, b):
@@ -89,16 +98,17 @@ def measure(api, cfg, per_class: int, steps: int, seed: int, qs: list[int], driv
         out["truth_norm"].append(truth.flatten(1).norm(dim=1).mean().item())
         x64, t64 = (x.double(), truth.double()) if step == 0 else (None, None)
         for qq in qs:
-            for e in ESTIMATORS:
-                # one seed per (api, seed, step, q), the same for both estimators: a paired comparison
+            for e, estimator, res in kinds:
+                # one seed per (api, seed, step, q), the same for every estimator: a paired comparison
                 mgen = torch.Generator().manual_seed(((api_index * 1000 + seed) * 1000 + step) * 1000 + qq)
-                est, _ = zo_grad(loss_of, x, qq, mu, numsplit, generator=mgen, estimator=e)
+                est, _ = zo_grad(loss_of, x, qq, mu, numsplit, generator=mgen, estimator=estimator, resolution=res)
                 out["cos"][(e, qq)].append(cos(est, truth).tolist())
                 if step == 0:   # its distribution depends on m and d only (isotropic directions): once a run
                     def linear(xs, x64=x64, t64=t64):
                         k = xs.shape[0] // x64.shape[0]
                         return ((xs - x64.repeat(k, 1, 1, 1)) * t64.repeat(k, 1, 1, 1)).flatten(1).sum(1)
-                    lin, _ = zo_grad(linear, x64, qq, mu, numsplit, generator=mgen, estimator=e)
+                    lin, _ = zo_grad(linear, x64, qq, mu, numsplit, generator=mgen, estimator=estimator,
+                                     resolution=res)
                     out["ceiling"][(e, qq)].append(cos(lin, t64).tolist())
         return g, loss
 
@@ -145,11 +155,12 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=None, help="generator steps (default: the demo preset's, 40)")
     p.add_argument("--per_class", type=int, default=2, help="images recovered per class (default 2)")
     p.add_argument("--mu", type=float, default=None, help="smoothing radius (default: the demo preset's, 0.005)")
+    p.add_argument("--resolutions", default="", help="R of forward estimates along R x R directions (--zo_resolution)")
     p.add_argument("--drive", choices=ESTIMATORS, default="forward", help="the estimator the recoveries step with")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="results/fidelity.json")
     a = p.parse_args(argv)
-    apis, seeds, qs = ints(a.apis), ints(a.seeds), ints(a.qs)
+    apis, seeds, qs, resolutions = ints(a.apis), ints(a.seeds), ints(a.qs), ints(a.resolutions)
     if not apis or not seeds or not qs or any(q < 2 or q % 2 for q in qs) or min(apis) < 0:
         p.error("--apis, --seeds and --qs need at least one value each, the APIs' indices at least 0, every q even "
                 "and at least 2 (central differences query q/2 pairs)")
@@ -186,9 +197,10 @@ def main(argv=None) -> dict:
     for i in apis:
         probe = Probe(black.get(cfg.dataset, cfg.pre_backbone, i), white.get(cfg.dataset, cfg.pre_backbone, i))
         for s in seeds:
-            r = measure(probe, cfg, a.per_class, steps, s, qs, a.drive, i)
+            r = measure(probe, cfg, a.per_class, steps, s, qs, a.drive, i, resolutions)
             runs.append((i, s, r))
-            line = ", ".join(f"{e} q{q} {stats(sum(r['cos'][(e, q)], []))['mean']:.3f}" for q in qs for e in ESTIMATORS)
+            line = ", ".join(f"{e} q{q} {stats(sum(r['cos'][(e, q)], []))['mean']:.3f}" for q in qs
+                             for e, _, _ in variants(resolutions))
             print(f"[fidelity] API {i} seed {s}: mean cosine {line} ({time.time() - t0:.0f} s)", flush=True)
     spec = black.get(cfg.dataset, cfg.pre_backbone, apis[0]).spec
     d = spec.channels * spec.image_size ** 2
@@ -199,15 +211,16 @@ def main(argv=None) -> dict:
 
     rows = []
     for q in qs:
-        for e in ESTIMATORS:
-            m = q if e == "forward" else q // 2
+        for e, estimator, res in variants(resolutions):
+            m = q if estimator == "forward" else q // 2
+            dims = spec.channels * res * res if res else d
             cosines = every("cos", (e, q))
             diff = [c - f for c, f in zip(cosines, every("cos", ("forward", q)))]   # same image, same step
             rows.append({
                 "estimator": e, "q": q, "directions": m, "queries_per_image_per_step": q + 1,
                 "cosine": stats(cosines),
                 "ceiling_mean": stats(every("ceiling", (e, q)))["mean"],
-                "ceiling_formula": round(math.sqrt(m / (m + d)), 4),
+                "ceiling_formula": round(math.sqrt(m / (m + dims)), 4), "resolution": res, "dims": dims,
                 "per_run": [{"api": i, "seed": s, "mean": stats(sum(r["cos"][(e, q)], []))["mean"]}
                             for i, s, r in runs],
                 "minus_forward": None if e == "forward" else {
@@ -219,8 +232,8 @@ def main(argv=None) -> dict:
     result = {
         "about": "docs/queries.md, Gradient fidelity: cosine between the zero-order estimate and the true gradient "
                  "(autograd through a white-box copy of the API) of the per-image loss in the space perturbed, at "
-                 "every step of demo recoveries; forward vs central differences at equal queries (q + 1 per image "
-                 "per step); experiments/fidelity.py",
+                 "every step of demo recoveries; forward vs central differences, and forward differences along "
+                 "low-resolution directions, at equal queries (q + 1 per image per step); experiments/fidelity.py",
         "date": time.strftime("%Y-%m-%d"), "processor": processor(), "torch": torch.__version__,
         "threads": a.threads, "command": command, "commit": _commit(), "seconds": round(time.time() - t0, 1),
         "settings": {"pool": a.pool, "pool_made_here": made, "apis": apis, "seeds": seeds,

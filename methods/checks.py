@@ -8,7 +8,7 @@ import accel
 from core.config import Config, check_values, visit_cost
 from core.dist import Dist
 from core.errors import FlagError
-from dataset.specs import MIX_NUM_CLASSES, SPECS
+from dataset.specs import MIX_DATASETS, MIX_NUM_CLASSES, SPECS
 from network import ARCHS
 
 from .memory import check_replay_flags
@@ -47,6 +47,10 @@ def check(cfg: Config) -> None:
                                  cfg.max_batch_per_class)
     if problem:
         raise FlagError(problem)
+    sizes = {SPECS[d].image_size for d in (MIX_DATASETS if cfg.mh else (cfg.dataset,))}
+    if cfg.ZO and cfg.zo_resolution and any(n % cfg.zo_resolution for n in sizes):
+        raise FlagError(f"--zo_resolution {cfg.zo_resolution} must divide the APIs' image size "
+                        f"({' and '.join(map(str, sorted(sizes)))}); pick a divisor, or 0 for full resolution")
     if cfg.query_budget is not None and cfg.query_budget < visit_cost(cfg):
         raise FlagError(f"--query_budget {cfg.query_budget} does not cover one API visit (~{visit_cost(cfg)} queries "
                         "with these flags); raise it or lower --generate_iterations/--q")

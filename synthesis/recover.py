@@ -155,7 +155,7 @@ def recover(api, per_class: int, cfg: Config, *, steps: int | None = None, stude
             # a perturbed-image student runs functional_call on the meta model: not thread-safe
             g, loss = zo_grad(lambda xs: loss_of(xs, s_clean, normalized), xin, cfg.q, cfg.mu, cfg.numsplit,
                               generator=generator, concurrent=not use_student or clean_student,
-                              estimator=cfg.zo_estimator)
+                              estimator=cfg.zo_estimator, resolution=cfg.zo_resolution)
             value = (xin.flatten(1) * g.flatten(1)).sum(1).mean() if cfg.keep_best == "batch" else None
             if normalized:
                 g = g * inv_std

@@ -15,6 +15,12 @@ twice one term's: hence 1 / (2 mu) and d / m. Both cost exactly q + 1 queries pe
 recover reports and keeps) and q perturbed copies. Central cancels the second-order term (mu / 2) u^T H u
 at the price of half the directions (experiments/fidelity.py measures which wins on the demo APIs).
 
+Low-dimensional directions (`--zo_resolution R`, an addition to the paper): u is drawn at R x R per channel
+and upsampled (nearest) to the image's H x W, so it lies in the d' = C*R*R-dimensional subspace of images
+constant on (H/R) x (W/R) blocks; d' takes d's place in both factors, and the estimate is unbiased for the
+projection P grad of the smoothed gradient onto that subspace. With q directions its cosine to P grad is about
+sqrt(q / (q + d')) instead of sqrt(q / (q + d)): the same queries see far more of a smaller space.
+
 Direction j is drawn from its own seed (q seeds per step from the caller's generator, for either
 estimator), so which directions a step uses depends on that generator alone: not on `numsplit` (the
 perturbed images are queried in numsplit chunks of directions, a memory knob), the threads or how the
@@ -25,6 +31,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 import accel
 
@@ -34,7 +41,7 @@ ESTIMATORS = ("forward", "central")     # core/config.py's zo_estimator
 def zo_grad(loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, q: int, mu: float,
             numsplit: int, generator: torch.Generator | None = None,
             directions: torch.Tensor | None = None, concurrent: bool = True,
-            estimator: str = "forward") -> tuple[torch.Tensor, torch.Tensor]:
+            estimator: str = "forward", resolution: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(estimate of dL/dx per image, shaped and stored like x; L(x) per image [B]).
 
     loss_of: images [k*B, ...] -> per-image losses [k*B]. Called once on x itself (k = 1), then once per
@@ -47,6 +54,8 @@ def zo_grad(loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, q:
         amplify by d / (q mu): compare float64 runs for exactness).
     estimator: "forward" (q directions) or "central" (the first q / 2 directions, each queried at x + mu u
         and x - mu u; q must be even): see the module's docstring.
+    resolution: R > 0 draws each direction at R x R per channel and upsamples it (H and W multiples of R);
+        0: full resolution (the original).
     The directions are drawn in x's memory order (accel.memory_order): no copy of the q*B images before
     the API. Sums over directions are added in block order, whichever block ran first.
     """
@@ -59,6 +68,12 @@ def zo_grad(loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, q:
     m = q if estimator == "forward" else q // 2                        # directions
     x = x.detach()
     b, d = x.shape[0], x[0].numel()
+    c, h, w = x.shape[1:]
+    if resolution and directions is not None:
+        raise ValueError("zo_grad takes given directions at full resolution only (resolution 0)")
+    if resolution and (h % resolution or w % resolution):
+        raise ValueError(f"zo_resolution {resolution} must divide the image's size {h}x{w}")
+    dims = c * resolution * resolution if resolution else d            # the space the directions span
     to_flat, from_flat = accel.memory_order(x)
     xf = to_flat(x)                                                     # [B, d], a view
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -70,11 +85,14 @@ def zo_grad(loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, q:
         """Raw directions j0..j1-1, [n, B, d] in x's memory order."""
         if directions is not None:
             return to_flat(directions[j0:j1].reshape((j1 - j0) * b, *x.shape[1:]).to(x.device, x.dtype)).view(-1, b, d)
-        u = torch.empty(j1 - j0, b, d, dtype=x.dtype, device=x.device)
+        u = torch.empty(j1 - j0, b, dims, dtype=x.dtype, device=x.device)
         g = torch.Generator(device=x.device)
         for k in range(j1 - j0):
             u[k].normal_(generator=g.manual_seed(seeds[j0 + k]))
-        return u
+        if not resolution:
+            return u
+        up = F.interpolate(u.view(-1, c, resolution, resolution), size=(h, w), mode="nearest")
+        return to_flat(up).view(j1 - j0, b, d)
 
     def block_sum(j0: int, j1: int) -> torch.Tensor:
         """sum_j [finite difference along u_j] u_j / |u_j| over directions j0..j1-1: [B, d]."""
@@ -97,7 +115,7 @@ def zo_grad(loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, q:
         loss0 = loss_of(x).reshape(b).to(acc)                           # L(x): B queries
         grad = torch.zeros(b, d, dtype=acc, device=x.device)
         accel.sum_in_order(block_sum, accel.direction_blocks(m, numsplit, x.device), grad, concurrent)
-        grad.mul_(d / m)                                                # m = q for forward: d / q as before
+        grad.mul_(dims / m)                                             # m = q for forward: d / q as before
     return from_flat(grad.to(x.dtype)), loss0
 
 

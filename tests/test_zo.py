@@ -302,3 +302,50 @@ def test_central_refuses_an_odd_q_and_an_unknown_estimator(device):
     check_values(Config(ZO=True, q=20, zo_estimator="central"))
     with pytest.raises(FlagError, match="zo_estimator 'backward' is unknown; choose one of forward, central"):
         Config(zo_estimator="backward")
+
+
+def block_projection(t: torch.Tensor, r: int) -> torch.Tensor:
+    """The projection onto images constant on the blocks of an r x r grid: block means, upsampled."""
+    return F.interpolate(F.adaptive_avg_pool2d(t, r), size=t.shape[-2:], mode="nearest")
+
+
+def test_low_resolution_directions_are_block_images_of_radius_mu(device):
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64, device=device)
+    rows, _ = _perturbations(x, q=6, mu=1e-2, numsplit=2, generator=gen(device, 4), resolution=2)
+    assert rows.shape == (18, 3 * 8 * 8)
+    torch.testing.assert_close(rows.norm(dim=1), torch.full((18,), 1e-2, dtype=torch.float64))
+    images = rows.view(18, 3, 8, 8)
+    torch.testing.assert_close(block_projection(images, 2), images)      # constant on 4 x 4 blocks
+    with pytest.raises(ValueError, match="must divide"):
+        zo_grad(smooth_loss, x, q=4, mu=1e-2, numsplit=1, resolution=3)
+
+
+def test_low_resolution_estimate_is_unbiased_for_the_projected_gradient(device):
+    # the mean of 400 estimates (q = 20, d' = 1 * 2 * 2) is the gradient's block projection, not the gradient
+    x = torch.randn(1, 1, 4, 4, device=device).expand(400, 1, 4, 4).contiguous()
+    g, _ = zo_grad(smooth_loss, x, q=20, mu=1e-3, numsplit=1, generator=gen(device, 5), resolution=2)
+    tg = true_grad(x[:1])
+    proj = block_projection(tg, 2)[0]
+    assert (g.mean(0) - proj).norm() / proj.norm() < 0.1
+    assert (tg[0] - proj).norm() / tg.norm() > 0.2        # the projection is not the whole gradient here
+
+
+def test_low_resolution_sees_a_smooth_gradient_better_at_equal_queries(device):
+    """A gradient made of low frequencies (the logistic term's ramp): 20 directions in 3 * 4 * 4 dimensions
+    find it far better than 20 directions in all 3 * 32 * 32."""
+    x = torch.rand(16, 3, 32, 32, device=device) * 0.1
+    tg = true_grad(x)
+    full, _ = zo_grad(smooth_loss, x, q=20, mu=1e-3, numsplit=1, generator=gen(device, 6))
+    low, _ = zo_grad(smooth_loss, x, q=20, mu=1e-3, numsplit=1, generator=gen(device, 6), resolution=4)
+    assert cosine(low, tg).mean() > 2 * cosine(full, tg).mean()
+
+
+def test_a_resolution_that_does_not_divide_the_apis_size_is_one_line():
+    from core.config import Config
+    from core.errors import FlagError
+    from methods.checks import check
+    check(Config(dataset="demo", ZO=True, zo_resolution=8))
+    with pytest.raises(FlagError, match="--zo_resolution 5 must divide the APIs' image size \\(32\\)"):
+        check(Config(dataset="demo", ZO=True, zo_resolution=5))
+    with pytest.raises(FlagError, match="\\(32 and 84\\)"):        # API-MH: every dataset's size
+        check(Config(dataset="mix", pre_backbone="mix", ZO=True, zo_resolution=8))
