@@ -46,6 +46,8 @@ ROWS = {
     "replay_augment": (["--replay_augment"], "faithful"),
     # the improved recipe's recovery switches without its initialisation: the gain of recovery alone
     "recovery_switches": (["--keep_best", "image", "--api_output", "probs"], "faithful"),
+    "zo_resolution_8": (["--zo_resolution", "8"], "faithful"),
+    "zo_resolution_4": (["--zo_resolution", "4"], "faithful"),
     "before_faithful_switches": (["--kd_loss", "kl", "--keep_best", "image", "--api_output", "probs",
                                   "--memory_quantize", "round"], "faithful"),
 }
