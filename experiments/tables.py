@@ -308,6 +308,16 @@ def fidelity(R: dict) -> str:
     return "\n".join(lines)
 
 
+def fidelity_lowres(R: dict) -> str:
+    """How many times closer to the true gradient the low-resolution estimates point than forward's, at the
+    smallest q measured: "2.5× (8 × 8) and 3.3× (4 × 4)"."""
+    rows = R["fidelity"]["rows"]
+    q = min(r["q"] for r in rows)
+    base = next(r for r in rows if r["q"] == q and r["estimator"] == "forward")["cosine"]["mean"]
+    low = sorted((r for r in rows if r["q"] == q and r.get("resolution") in (8, 4)), key=lambda r: -r["resolution"])
+    return " and ".join(f"{r['cosine']['mean'] / base:.1f}× ({r['resolution']} × {r['resolution']})" for r in low)
+
+
 def side_by_side(R: dict) -> str:
     """The original and the faithful default end to end (results/side_by_side.json), per seed and protocol."""
     S = R["side_by_side"]
@@ -567,6 +577,7 @@ GENERATORS = {
     "ablation-switches": ("ablation_switches", ablation_switches),
     "ablation-switches-summary": ("ablation_switches", ablation_switches_summary),
     "fidelity": ("fidelity", fidelity),
+    "fidelity-lowres": ("fidelity", fidelity_lowres),
     "side-by-side": ("side_by_side", side_by_side),
     "side-by-side-summary": ("side_by_side", side_by_side_summary),
     "queries-curve": ("queries", queries_curve),
