@@ -90,7 +90,7 @@ def run_main(tag: str, flags: list[str], pool: str, out: str, data_root: str, te
               "--episode_test", str(test_tasks), "--out_dir", ev, "--resume"], log, 1)
     train, test = (json.load(open(os.path.join(d, "summary.json"))) for d in (run, ev))
     return {"seed": seed, "flags": " ".join(flags), "acc": round(test["test_acc"], 2), "ci": round(test["test_ci"], 2),
-            "api_queries": train["api_queries"], "api_visits": train["api_visits"],
+            "api_queries": train["api_queries"], "api_visits": train["api_visits"], "chosen_task": train["best_task"],
             "train_seconds": train["wall_seconds"], "this_call_seconds": round(time.time() - t0, 1)}
 
 

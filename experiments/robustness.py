@@ -49,6 +49,13 @@ def detection(run_dir: str, truth: dict) -> dict:
     return out
 
 
+def deceptive_queried(run_dir: str, truth: dict) -> list[str]:
+    """The deceptive APIs the run queried (its last.pth query meter): without the defence, those it visited."""
+    from core.io import load_checkpoint
+    bad = {r["api"] for r in truth["apis"] if r["kind"] != "honest"}
+    return sorted(k for k in load_checkpoint(os.path.join(run_dir, "last.pth"))["pool"]["per_api"] if k in bad)
+
+
 def figure(rows: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -103,7 +110,9 @@ def main(argv=None) -> list[dict]:
         r = run_main(tag, ["--APInum", str(a.apis), *DEFENCES[defence]], pool_path(out, f), out, data_root,
                      a.test_tasks, seed)
         r.update(fraction=f, defence=defence)
-        if defence != "off":
+        if defence == "off":
+            r["deceptive_visited"] = deceptive_queried(os.path.join(out, tag), truths[f])
+        else:
             r["detection"] = detection(os.path.join(out, tag), truths[f])
         return r
 

@@ -515,13 +515,14 @@ def robustness(R: dict) -> str:
     X = R["robustness"]
     cells, fractions, seeds = _robustness_cells(R)
     lines = ["| deceptive APIs | seed | undefended: 1-shot (%) | vs clean | `--api_trust agree`: 1-shot (%) | "
-             "vs clean (undefended) | queries (undefended / defended) |", "|---|---|---|---|---|---|---|"]
+             "vs clean (undefended) | queries (undefended / defended) | model of task (undefended / defended) |",
+             "|---|---|---|---|---|---|---|---|"]
     for f in fractions:
         for seed in seeds:
             off, on, clean = cells[(f, "off", seed)], cells[(f, "agree", seed)], cells[(0.0, "off", seed)]
             lines.append(f"| {round(100 * f)}% | {seed} | {acc(off)} | {'—' if off is clean else vs(off, clean)} | "
                          f"{acc(on)} | {vs(on, clean)} | {thousands(off['api_queries'])} / "
-                         f"{thousands(on['api_queries'])} |")
+                         f"{thousands(on['api_queries'])} | {off['chosen_task']} / {on['chosen_task']} |")
     lines += ["", f"Demo preset with a pool of {X['apis']} APIs (`--APInum {X['apis']}`), model chosen on meta_val; "
                   f"5-way 1-shot meta-test accuracy ± 95% CI over {X['test_tasks']} tasks. Measured {X['date']} on "
                   f"{X['processor']}, {X['jobs']} runs side by side. Command: `{X['command']}`."]
@@ -557,8 +558,15 @@ def robustness_summary(R: dict) -> str:
     worst = "; ".join(f"seed {s}: {cells[(top, 'agree', s)]['acc'] - cells[(0.0, 'off', s)]['acc']:+.2f} defended, "
                       f"{cells[(top, 'off', s)]['acc'] - cells[(0.0, 'off', s)]['acc']:+.2f} undefended" for s in seeds)
     cost = "; ".join(f"seed {s}: {cells[(0.0, 'agree', s)]['acc'] - cells[(0.0, 'off', s)]['acc']:+.2f}" for s in seeds)
+    det = [r["detection"] for r in R["robustness"]["rows"] if "detection" in r]
+    tally = lambda honest, key: sum(v[key] for d in det for k, v in d.items() if (k == "honest") == honest)  # noqa: E731
+    visited = [len(r["deceptive_visited"]) for r in R["robustness"]["rows"] if r.get("deceptive_visited") is not None
+               and r["fraction"] > 0]
     return (f"At {round(100 * top)}% deceptive APIs, against the clean pool's undefended run: {worst}. "
-            f"On the clean pool the defence changes accuracy by {cost}.")
+            f"On the clean pool the defence changes accuracy by {cost}. Over all defended runs it distrusted "
+            f"{tally(False, 'distrusted')} of the {tally(False, 'visited')} deceptive APIs they judged and "
+            f"{tally(True, 'distrusted')} of the {tally(True, 'visited')} honest ones; the undefended runs on "
+            f"deceptive pools visited {min(visited)} to {max(visited)} deceptive APIs each.")
 
 
 GENERATORS = {
