@@ -60,7 +60,7 @@ def figure(rows: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
     for (defence, label), colour in zip((("off", "undefended"), ("agree", "--api_trust agree")), ("C3", "C0")):
         rs = [r for r in rows if r["defence"] == defence]
         fr = sorted({r["fraction"] for r in rs})
@@ -73,7 +73,7 @@ def figure(rows: list[dict], path: str) -> None:
     ax.set_xlabel("deceptive APIs in the pool (%)")
     ax.set_ylabel("5-way 1-shot meta-test accuracy (%)")
     ax.set_title("Demo: accuracy against deceptive APIs (each seed ± 95% CI)", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
