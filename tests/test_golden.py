@@ -231,8 +231,9 @@ def run_recover(case: str, dtype: torch.dtype) -> dict:
         rec["x"].append(x.detach().clone())
         return crop(x, **kw)
 
-    def zo(loss_of, x, q, mu, numsplit, generator=None, directions=None, concurrent=True, estimator="forward"):
-        assert directions is None and estimator == "forward"
+    def zo(loss_of, x, q, mu, numsplit, generator=None, directions=None, concurrent=True, estimator="forward",
+           resolution=0):
+        assert directions is None and estimator == "forward" and resolution == 0
         d = u[len(rec["xin"])][:, perm].to(x.dtype)
         g, loss0 = zo_grad(loss_of, x, q, mu, numsplit, generator=generator, directions=d, concurrent=concurrent)
         rec["xin"].append(x.clone())
