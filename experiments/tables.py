@@ -263,7 +263,20 @@ def _switch_rows(A: dict) -> tuple[dict, dict]:
 
 def ablation_switches(R: dict) -> str:
     """The faithful switches (results/ablation_switches.json): each row against the faithful row of its seed."""
-    bases, groups = _switch_rows(R["ablation_switches"])
+    return _switch_table(R["ablation_switches"])
+
+
+def ablation_additions(R: dict) -> str:
+    """Additions to the paper (results/ablation_additions.json), against a faithful row of the same batch."""
+    return _switch_table(R["ablation_additions"])
+
+
+def ablation_additions_summary(R: dict) -> str:
+    return _switch_summary(R["ablation_additions"])
+
+
+def _switch_table(A: dict) -> str:
+    bases, groups = _switch_rows(A)
     lines = ["| row | main.py flags | seed | 5-way 1-shot (%) | vs faithful | API queries | visits |",
              "|---|---|---|---|---|---|---|"]
     for r in (r for rows in groups.values() for r in sorted(rows, key=lambda r: r["seed"])):
@@ -275,8 +288,11 @@ def ablation_switches(R: dict) -> str:
 
 
 def ablation_switches_summary(R: dict) -> str:
+    return _switch_summary(R["ablation_switches"])
+
+
+def _switch_summary(A: dict) -> str:
     """Per switch: its difference to the faithful row on each seed, and on how many seeds the CIs are apart."""
-    A = R["ablation_switches"]
     bases, groups = _switch_rows(A)
     parts = []
     for name, rows in groups.items():
@@ -584,6 +600,8 @@ GENERATORS = {
     "ablation-recipes": ("ablation", ablation_recipes),
     "ablation-switches": ("ablation_switches", ablation_switches),
     "ablation-switches-summary": ("ablation_switches", ablation_switches_summary),
+    "ablation-additions": ("ablation_additions", ablation_additions),
+    "ablation-additions-summary": ("ablation_additions", ablation_additions_summary),
     "fidelity": ("fidelity", fidelity),
     "fidelity-lowres": ("fidelity", fidelity_lowres),
     "side-by-side": ("side_by_side", side_by_side),
