@@ -127,6 +127,9 @@ class Config:
                                          "(instead of --generate_iterations)")
     meta_generator_lr: float = _pool(1.0, "with --meta_generator: Reptile step size ε, φ <- φ + ε(φ' - φ), "
                                           "in (0, 1]", above=0, high=1)
+    prior_tv: float = _pool(0.0, "weight λ of a total-variation prior on the recovered images, added to the generator's "
+                                 "objective (exact gradient, no query; 0: off, as the original; docs/differences.md B17)",
+                            low=0, entry=S)
     replay_augment: bool = _pool(False, "random crop/flip of replayed images (off, as in the original)")
     inversion_augment: str = _pool("batch", "inversion crop/flip: batch (one per step, as the original) | image",
                                    choices=("batch", "image"))

@@ -48,6 +48,7 @@ ROWS = {
     "recovery_switches": (["--keep_best", "image", "--api_output", "probs"], "faithful"),
     "zo_resolution_8": (["--zo_resolution", "8"], "faithful"),
     "zo_resolution_4": (["--zo_resolution", "4"], "faithful"),
+    "prior_tv": (["--prior_tv", "100"], "faithful"),
     "before_faithful_switches": (["--kd_loss", "kl", "--keep_best", "image", "--api_output", "probs",
                                   "--memory_quantize", "round"], "faithful"),
 }

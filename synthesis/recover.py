@@ -13,6 +13,9 @@ Black-box (ZO): dl/dn is estimated with zo_grad around the normalised batch n (z
 mu in normalised units), mapped to dl/dx~ = dl/dn / std per channel, and handed to G and z through the
 surrogate <x~, stopgrad(g)>. zo_space "pixel" perturbs x~ instead.
 White-box (no ZO, the ablation): plain autograd through the API.
+prior_tv λ (an addition to the paper, 0 = off): λ · TV(x) is added to what G and z minimise, TV the mean
+squared difference of neighbouring pixels of G(z) (both directions), averaged over the batch; its gradient
+is exact and costs no query, and it pulls against the high-frequency noise of the zero-order estimate.
 boundary_student "clean": s is computed once per step on the clean batch, without a graph, and shared
 by every perturbed copy; "perturbed": the student sees each perturbed copy (and, white-box, the
 gradient flows through it).
@@ -61,6 +64,13 @@ def per_image_loss(scores: torch.Tensor, target: torch.Tensor, student_logits: t
             dist = (probs * (torch.log(probs + EPS) - s_logp)).sum(1)
         loss = loss - adv * agree * dist
     return loss
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Per image: mean (x[h+1, w] − x[h, w])² + mean (x[h, w+1] − x[h, w])² over its pixels and channels."""
+    dh = (x[:, :, 1:] - x[:, :, :-1]).pow(2).flatten(1).mean(1)
+    dw = (x[:, :, :, 1:] - x[:, :, :, :-1]).pow(2).flatten(1).mean(1)
+    return dh + dw
 
 
 def recover(api, per_class: int, cfg: Config, *, steps: int | None = None, student=None, adv: float = 0.0,
@@ -179,6 +189,8 @@ def recover(api, per_class: int, cfg: Config, *, steps: int | None = None, stude
                 better = loss < best_loss
                 best_loss = torch.where(better, loss, best_loss)
                 best_x = torch.where(better[:, None, None, None], x.detach(), best_x)
+        if cfg.prior_tv:
+            objective = objective + cfg.prior_tv * total_variation(x).mean()
         # autograd.grad, not backward(): nothing outside G and z (e.g. a student's graph) gets gradients.
         grads = torch.autograd.grad(objective, params)
         for p, gp in zip(params, grads):
