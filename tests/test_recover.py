@@ -343,3 +343,22 @@ def test_a_generator_larger_than_the_api_is_seen_through_a_random_window():
     x, _ = recover(api, 2, Config(ZO=True, q=2), steps=2, generator=gen(), image_size=12)
     assert x.shape == (6, 3, 12, 12)
     assert {tuple(c.shape[1:]) for c in api.calls} == {(3, 8, 8)}
+
+
+def test_total_variation_is_the_mean_squared_neighbour_difference():
+    x = torch.zeros(2, 1, 2, 3)
+    x[0, 0, :, 1] = 1.0                     # a bright column: 4 of 6 horizontal pairs differ by 1, no vertical
+    assert rec.total_variation(x).tolist() == pytest.approx([0.0 + 4 / 4, 0.0])
+
+
+def test_prior_tv_smooths_the_recovered_images_at_the_same_queries():
+    """--prior_tv: an exact gradient on G's images, no query; a strong one leaves smoother images."""
+    out, queries = {}, {}
+    for lam in (0.0, 1e4):
+        api = FakeAPI()
+        torch.manual_seed(0)
+        out[lam], _ = recover(api, 2, Config(ZO=True, q=5, generate_iterations=20, Glr=0.01, keep_best="image",
+                                             prior_tv=lam), generator=gen(3))
+        queries[lam] = api.queries
+    assert queries[0.0] == queries[1e4]
+    assert rec.total_variation(out[1e4]).mean() < 0.5 * rec.total_variation(out[0.0]).mean()
