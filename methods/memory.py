@@ -224,9 +224,10 @@ class TaskMemory:
             _fsync_dir(folder)
         held = {c: [bid for bid, _ in buf] for c, buf in self._store.items()}
         self._on_disk = {bid for ids in held.values() for bid in ids}
+        self._owner = {bid: o for bid, o in self._owner.items() if bid in self._on_disk}   # evicted batches go
         index = {"format": "batch_files", "max_batch_per_class": self.max_batch_per_class,
                  "image_size": self.image_size, "next_id": self._next_id, "batches": held,
-                 "owners": {bid: o for bid, o in self._owner.items() if bid in self._on_disk}}
+                 "owners": dict(self._owner)}
         if preview:
             index["store"] = {c: [self._first(c, preview)] for c in self._store}
         return index

@@ -224,14 +224,15 @@ def test_a_permuted_label_api_is_flagged_never_drawn_again_and_the_truth_is_neve
 
 @pytest.mark.slow
 def test_a_run_that_trusts_every_api_is_the_undefended_run(demo_root, demo_pool, tmp_path, monkeypatch):
-    import main
+    from main import parse_args
     from methods import trust
+    from methods.meta_train import train
     monkeypatch.setattr(trust, "SHARPNESS_MIN", -2.0)
     monkeypatch.setattr(trust, "AGREEMENT_MIN", -2.0)
-    base = flags(demo_root, demo_pool, str(tmp_path / "off"), "--episode_train", "16", "--val_interval", "8")
-    off = main.main(base)
-    on = main.main(flags(demo_root, demo_pool, str(tmp_path / "on"), "--episode_train", "16", "--val_interval", "8",
-                         "--api_trust", "agree"))
+    off = train(parse_args(flags(demo_root, demo_pool, str(tmp_path / "off"), "--episode_train", "16",
+                                 "--val_interval", "8")))
+    on = train(parse_args(flags(demo_root, demo_pool, str(tmp_path / "on"), "--episode_train", "16",
+                                "--val_interval", "8", "--api_trust", "agree")))
     assert on["test_acc"] == off["test_acc"] and on["api_visits"] == off["api_visits"]
     assert on["api_queries"] > off["api_queries"]           # the judges' queries, counted
     a, b = (torch.load(os.path.join(str(tmp_path / d), "last.pth"), weights_only=True) for d in ("off", "on"))
