@@ -49,6 +49,13 @@ ROWS = {
     "zo_resolution_8": (["--zo_resolution", "8"], "faithful"),
     "zo_resolution_4": (["--zo_resolution", "4"], "faithful"),
     "prior_tv": (["--prior_tv", "100"], "faithful"),
+    "prior_diversity": (["--prior_diversity", "2"], "faithful"),
+    "replay_mix": (["--replay_mix", "0.5"], "faithful"),
+    "memory_labels_api": (["--memory_labels", "api"], "faithful"),
+    # the balance of visits and replay: four times the visits, each a quarter of the queries (low-resolution
+    # directions keep the estimate's fidelity at q 4), within the faithful run's queries
+    "cheap_visits": (["--zo_resolution", "4", "--q", "4", "--generate_interval", "1", "--query_budget", "841000"],
+                     "faithful"),
     "before_faithful_switches": (["--kd_loss", "kl", "--keep_best", "image", "--api_output", "probs",
                                   "--memory_quantize", "round"], "faithful"),
 }

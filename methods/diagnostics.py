@@ -26,6 +26,7 @@ def log_visit(tb, r: dict, task_id: int, visits: int, queries: int) -> None:
     tb.add_scalar("kd/outer_loss", r["loss"], task_id)
     tb.add_scalar("kd/acc_query", r["acc"], task_id)
     tb.add_scalar("kd/api_confidence", r["api_confidence"], task_id)
+    tb.add_scalar("kd/api_agreement", r["api_agreement"], task_id)   # images the API assigns to their target
     tb.add_scalar("api/visits", visits, task_id)
     tb.add_scalar("api/queries", queries, task_id)
     if r["verdict"] is not None:        # --api_trust
@@ -42,7 +43,7 @@ def log_visit(tb, r: dict, task_id: int, visits: int, queries: int) -> None:
     if div:
         tb.add_scalar("kd/class_diversity_mean", float(np.mean(list(div.values()))), task_id)
         tb.add_scalar("kd/class_diversity_min", min(div.values()), task_id)
-    log_images(tb, r["support"], r["query"], len(sy.unique()), task_id)
+    log_images(tb, r["support"], r["query"], r["way"], task_id)     # grouped by target (labels: memory_labels)
 
 
 def log_images(tb, support, query, way: int, task_id: int) -> None:

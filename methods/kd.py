@@ -14,7 +14,9 @@ original): the sets are recovered at the meta model's size and A crops a window 
 
 With --api_trust, a judge (methods/trust.py) reads S and the API's answers on it first; an API it does
 not trust ends the visit there: no query set, a zero outer loss, nothing for the memory.
-The memory (methods/memory.py) later receives S and Q un-augmented. With second-order MAML the inner
+The memory (methods/memory.py) later receives S and Q un-augmented, labelled with the classes they were
+recovered for (memory_labels "target", the original) or with the API's answers on S~ and Q~ ("api", an
+addition: the replayed labels then agree with the teacher; no extra query). With second-order MAML the inner
 loop keeps no step's graph (maml.adapt's recompute): the query set is recovered while no graph is
 alive, and the outer backward rebuilds one step at a time.
 """
@@ -47,6 +49,7 @@ class KDOutcome:
     api_confidence: float = float("nan")         # mean API probability of the target class (both sets)
     recovery_steps: int = 0                      # generator steps of the visit (both sets)
     verdict: dict | None = None                  # the judge's record (--api_trust)
+    api_agreement: float = float("nan")          # share of recovered images the API assigns to their target
 
 
 def bounded_student(fn, chunk: int):
@@ -135,6 +138,9 @@ def _visit(model, params, api, cfg: Config, prep: Prep, boundary: bool, generato
         kl_before = kl_loss(forward(model, params, q_in, way), qp).item()
     # What the API says of its recovered images (probabilities already queried: no extra query).
     confidence = torch.cat([sp.gather(1, sy.to(sp.device)[:, None]), qp.gather(1, qy.to(qp.device)[:, None])])
+    agreement = torch.cat([sp.argmax(1).cpu() == sy.cpu(), qp.argmax(1).cpu() == qy.cpu()]).float().mean().item()
+    # memory_labels "api": the API's own answer on each image (already queried) instead of its target
+    s_mem, q_mem = (sp.argmax(1), qp.argmax(1)) if cfg.memory_labels == "api" else (sy, qy)
     return KDOutcome(loss, percent(hits(logits.detach(), qy.to(logits.device))), kl_before,
-                     (sx.detach(), classes[sy.cpu()]), (qx.detach(), classes[qy.cpu()]),
-                     confidence.mean().item(), 2 * recovery_steps(cfg), verdict)
+                     (sx.detach(), classes[s_mem.cpu()]), (qx.detach(), classes[q_mem.cpu()]),
+                     confidence.mean().item(), 2 * recovery_steps(cfg), verdict, agreement)

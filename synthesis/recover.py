@@ -16,6 +16,8 @@ White-box (no ZO, the ablation): plain autograd through the API.
 prior_tv λ (an addition to the paper, 0 = off): λ · TV(x) is added to what G and z minimise, TV the mean
 squared difference of neighbouring pixels of G(z) (both directions), averaged over the batch; its gradient
 is exact and costs no query, and it pulls against the high-frequency noise of the zero-order estimate.
+prior_diversity λ (an addition, 0 = off): λ · the mean cosine similarity of same-class pairs of G(z) (each image
+less its mean pixel value) is added too, against a class's images collapsing to one mode; exact, no query.
 boundary_student "clean": s is computed once per step on the clean batch, without a graph, and shared
 by every perturbed copy; "perturbed": the student sees each perturbed copy (and, white-box, the
 gradient flows through it).
@@ -71,6 +73,17 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     dh = (x[:, :, 1:] - x[:, :, :-1]).pow(2).flatten(1).mean(1)
     dw = (x[:, :, :, 1:] - x[:, :, :, :-1]).pow(2).flatten(1).mean(1)
     return dh + dw
+
+
+def class_similarity(x: torch.Tensor, per_class: int) -> torch.Tensor:
+    """Per class: the mean cosine similarity of its images' pairs, each image less its own mean pixel value
+    (x grouped by class, `per_class` images each); 0 with one image per class."""
+    if per_class < 2:
+        return x.new_zeros(x.shape[0] // max(per_class, 1))
+    v = x.flatten(1)
+    v = F.normalize(v - v.mean(1, keepdim=True), dim=1).view(-1, per_class, v.shape[1])
+    gram = v @ v.transpose(1, 2)
+    return (gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(1)) / (per_class * (per_class - 1))
 
 
 def recover(api, per_class: int, cfg: Config, *, steps: int | None = None, student=None, adv: float = 0.0,
@@ -191,6 +204,8 @@ def recover(api, per_class: int, cfg: Config, *, steps: int | None = None, stude
                 best_x = torch.where(better[:, None, None, None], x.detach(), best_x)
         if cfg.prior_tv:
             objective = objective + cfg.prior_tv * total_variation(x).mean()
+        if cfg.prior_diversity:
+            objective = objective + cfg.prior_diversity * class_similarity(x, per_class).mean()
         # autograd.grad, not backward(): nothing outside G and z (e.g. a student's graph) gets gradients.
         grads = torch.autograd.grad(objective, params)
         for p, gp in zip(params, grads):

@@ -89,6 +89,37 @@ def test_a_visit_hands_on_its_sets_with_absolute_classes_and_costs_exactly_its_q
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+def test_memory_labels_api_hands_on_the_apis_answers_at_the_same_images_and_queries(monkeypatch):
+    """--memory_labels api: the sets go to the memory with the API's argmax (on the images it already
+    answered for), as absolute classes; the images, the loss and the queries are those of the default visit.
+    api_agreement is the share of images whose answer is their target."""
+    classes = [3, 9, 11, 20, 40]
+    answers = []
+    real = kd.api_probs
+
+    def spy(api, x01):
+        p = real(api, x01)
+        answers.append(p.argmax(1).cpu())
+        return p
+    monkeypatch.setattr(kd, "api_probs", spy)
+    out = {}
+    for labels in ("target", "api"):
+        api = random_api(classes=classes)
+        model = meta_model()
+        torch.manual_seed(0)
+        out[labels] = kd_task(model, meta_params(model), api, Config(**SMALL, memory_labels=labels), demo_prep(),
+                              boundary=True, generator=gen(0))
+        out[labels].queries = api.queries
+    t, a = out["target"], out["api"]
+    assert torch.equal(t.support[0], a.support[0]) and torch.equal(t.query[0], a.query[0])
+    assert torch.equal(t.loss.detach(), a.loss.detach()) and t.queries == a.queries
+    absolute = torch.as_tensor(classes)
+    assert torch.equal(a.support[1], absolute[answers[2]]) and torch.equal(a.query[1], absolute[answers[3]])
+    target = torch.cat([t.support[1], t.query[1]])
+    assert a.api_agreement == pytest.approx((torch.cat([a.support[1], a.query[1]]) == target).float().mean().item())
+    assert not torch.equal(a.support[1], t.support[1])      # a random API disagrees with some targets
+
+
 def test_the_boundary_term_is_used_when_asked_and_adv_is_positive(monkeypatch):
     calls = []
     real = kd.recover

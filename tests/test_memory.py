@@ -14,6 +14,7 @@ import torch
 
 from core.config import Config
 from core.errors import CheckpointError, FlagError
+from core.seeding import task_rng
 from methods.memory import BatchCounts, TaskMemory, batch_file, check_replay_flags, replay_capacity
 from methods.replay import augmented, draw_replay
 
@@ -196,6 +197,26 @@ def test_replay_tasks_come_from_seed_and_task_id_alone():
     t = augmented(a, g1)
     assert torch.equal(t.support_x, random_crop_flip(a.support_x, generator=g2))
     assert torch.equal(t.query_x, random_crop_flip(a.query_x, generator=g2))
+
+
+def test_replay_mix_interpolates_each_class_with_a_second_task():
+    """--replay_mix: class k of the task mixed with class k of a second memory task, x = λ x1 + (1 − λ) x2 with
+    one λ ~ Beta(α, α) per task, labels of the first; the first task is the faithful draw, the second and λ
+    come after it from the same (seed, task id) stream."""
+    mem = TaskMemory(4, image_size=4)
+    for c in range(8):      # every image of class c has the value c / 10
+        mem.add(torch.full((6, 3, 4, 4), c / 10.0), torch.full((6,), c))
+    base = dict(way_train=5, num_sup_train=1, num_qur_train=2, seed=3)
+    plain = draw_replay(mem, Config(**base), 9, DEVICE)
+    mixed = draw_replay(mem, Config(**base, replay_mix=0.5), 9, DEVICE)
+    assert np.array_equal(mixed.classes, plain.classes) and torch.equal(mixed.query_y, plain.query_y)
+    rng = task_rng(3, 9)
+    first, second = (mem.sample_task(5, 1, 2, rng) for _ in range(2))
+    lam = float(rng.beta(0.5, 0.5))
+    assert torch.equal(first.support_x, plain.support_x.cpu()) and 0 < lam < 1
+    for got, a, b in ((mixed.support_x, first.support_x, second.support_x), (mixed.query_x, first.query_x, second.query_x)):
+        assert torch.allclose(got.cpu(), lam * a + (1 - lam) * b, atol=1e-6)
+    assert not torch.equal(mixed.support_x, plain.support_x)
 
 
 # ------------------------------------------------------------------ on disk: batch files and an index

@@ -362,3 +362,26 @@ def test_prior_tv_smooths_the_recovered_images_at_the_same_queries():
         queries[lam] = api.queries
     assert queries[0.0] == queries[1e4]
     assert rec.total_variation(out[1e4]).mean() < 0.5 * rec.total_variation(out[0.0]).mean()
+
+
+def test_class_similarity_is_the_mean_cosine_of_same_class_pairs():
+    a, b = torch.rand(3, 4, 4), torch.rand(3, 4, 4)
+    x = torch.stack([a, a, a, b, -b + 1, b])        # class 0: three copies; class 1: b, its negative, b
+    sim = rec.class_similarity(x, 3)
+    assert sim[0].item() == pytest.approx(1.0, abs=1e-5)
+    assert sim[1].item() == pytest.approx((1 - 1 - 1) / 3, abs=1e-5)       # pairs: (b,-b) (b,b) (-b,b)
+    assert rec.class_similarity(x, 1).abs().sum() == 0
+
+
+def test_prior_diversity_spreads_a_class_at_the_same_queries():
+    """--prior_diversity: an exact gradient on G's images, no query; a strong one leaves a class's images
+    less alike."""
+    out, queries = {}, {}
+    for lam in (0.0, 50.0):
+        api = FakeAPI()
+        torch.manual_seed(0)
+        out[lam], _ = recover(api, 3, Config(ZO=True, q=5, generate_iterations=20, Glr=0.01, keep_best="image",
+                                             prior_diversity=lam), generator=gen(3))
+        queries[lam] = api.queries
+    assert queries[0.0] == queries[50.0]
+    assert rec.class_similarity(out[50.0], 3).mean() < rec.class_similarity(out[0.0], 3).mean() - 0.1
