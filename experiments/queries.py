@@ -39,6 +39,8 @@ ROWS = {
     "mg_full": (META, ["--meta_generator"], None),
     "mg_1_10": (META, ["--meta_generator"], Fraction(1, 10)),
     "mg_1_30": (META, ["--meta_generator"], Fraction(1, 30)),
+    # the meta-generator with the low-resolution estimator (docs/differences.md B16) at the same budget
+    "mg_lowres_1_10": ("meta-generator, 4 x 4 directions", ["--meta_generator", "--zo_resolution", "4"], Fraction(1, 10)),
     # the control: as few steps per set as --meta_generator, but each from a fresh generator
     "fresh_4steps": ("paper recovery, 4 steps (control)", ["--generate_iterations", "4"], None),
 }

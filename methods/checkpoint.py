@@ -33,6 +33,8 @@ def save_last(run) -> None:
         ck["pool"] = run.pool.state_dict()
         if run.meta_generator is not None:
             ck["meta_generator"] = run.meta_generator.state_dict()
+        if run.visits is not None:
+            ck["visits"] = run.visits.state_dict()
     atomic_torch_save(ck, os.path.join(run.out_dir, "last.pth"))
     if run.memory is not None:      # only now may files the committed index does not name go
         run.memory.prune(folder, ck["memory"])
@@ -65,6 +67,8 @@ def resume(run, path: str) -> None:
     run.optimizer.load_state_dict(ck["optimizer"])
     if run.meta_generator is not None and "meta_generator" in ck:
         run.meta_generator.load_state_dict(ck["meta_generator"])
+    if run.visits is not None and "visits" in ck:
+        run.visits.load_state_dict(ck["visits"])
     run.state = LoopState(**{k: v for k, v in ck["state"].items() if k in LoopState.__dataclass_fields__})
     run.saved_task = run.state.task
 

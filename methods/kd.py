@@ -50,6 +50,7 @@ class KDOutcome:
     recovery_steps: int = 0                      # generator steps of the visit (both sets)
     verdict: dict | None = None                  # the judge's record (--api_trust)
     api_agreement: float = float("nan")          # share of recovered images the API assigns to their target
+    queried: tuple | None = None                 # (S~, p_S, Q~, p_Q): what the API answered (--kd_replay)
 
 
 def bounded_student(fn, chunk: int):
@@ -143,4 +144,5 @@ def _visit(model, params, api, cfg: Config, prep: Prep, boundary: bool, generato
     s_mem, q_mem = (sp.argmax(1), qp.argmax(1)) if cfg.memory_labels == "api" else (sy, qy)
     return KDOutcome(loss, percent(hits(logits.detach(), qy.to(logits.device))), kl_before,
                      (sx.detach(), classes[s_mem.cpu()]), (qx.detach(), classes[q_mem.cpu()]),
-                     confidence.mean().item(), 2 * recovery_steps(cfg), verdict, agreement)
+                     confidence.mean().item(), 2 * recovery_steps(cfg), verdict, agreement,
+                     (sxa.detach(), sp, qxa.detach(), qp) if cfg.kd_replay > 0 else None)

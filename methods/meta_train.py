@@ -6,7 +6,8 @@
         visit    each planned task is one bi-level KD task (methods/kd.py); its recovered sets join the
                  task memory, in task order (--api_trust: unless the judge of methods/trust.py drops it)
         replay   every other task is a MAML task drawn from the memory (methods/replay.py), run by the
-                 executor (accel: one at a time, lanes or vmap)
+                 executor (accel: one at a time, lanes or vmap); with --kd_replay, some rerun a recorded
+                 visit's KD task instead (methods/kd_replay.py)
         step     θ <- Adam step on the summed outer losses
         trigger  a meta-batch whose training accuracy beats the best since the last visit resets a
                  counter, any other increments it; at generate_interval the next task visits an API
@@ -37,7 +38,8 @@ from . import checkpoint
 from .baselines import RealTasks
 from .diagnostics import log_visit
 from .evaluate import evaluate, evaluate_only, finish, load_eval_splits
-from .kd import kd_task
+from .kd import KD_LOSSES, kd_task
+from . import kd_replay
 from .maml import meta_params, percent, task_loss
 from .meta_gradient import TaskGrads
 from .meta_model import build_meta_model, meta_input
@@ -124,6 +126,8 @@ def open_pool(run: Run) -> None:
     if cfg.meta_generator:
         from synthesis.meta_generator import MetaGenerator
         run.meta_generator = MetaGenerator(lr=cfg.meta_generator_lr)
+    if cfg.kd_replay > 0:
+        run.visits = kd_replay.VisitMemory(cfg.kd_replay_keep)
 
 
 def loop(run: Run) -> None:
@@ -186,9 +190,13 @@ def meta_batch(run: Run, ids: list[int]) -> tuple[list[float], list[float]]:
         if r["support"] is not None:
             run.memory.add(*r["support"], owner=r["api"])
             run.memory.add(*r["query"], owner=r["api"])
+            if run.visits is not None:
+                run.visits.add(kd_replay.VisitRecord.of(r["api"], *r["queried"]))
         elif r["api"] not in run.state.distrusted:     # --api_trust dropped the visit
             run.state.distrusted.append(r["api"])
             r["verdict"]["memory_images_dropped"] = run.memory.drop_owner(r["api"])
+            if run.visits is not None:
+                run.visits.drop_owner(r["api"])
         run.state.api_visits += 1
         run.state.recovery_steps += r["recovery_steps"]
         run.state.visit_next = False
@@ -197,12 +205,22 @@ def meta_batch(run: Run, ids: list[int]) -> tuple[list[float], list[float]]:
             if r["verdict"] is not None:
                 run.metrics.write({"task": ids[i], "visit": run.state.api_visits, "trust": r["verdict"]})
         done[i] = (r["loss"], r["acc"])
-    # 2. replay (a task the memory cannot supply, after --api_trust dropped a planned visit, is skipped)
+    # 2. replay: a recorded visit's KD task run again (--kd_replay), else a MAML task from the memory (a task
+    # the memory cannot supply, after --api_trust dropped a planned visit, is skipped)
+    rerun = {i: kd_replay.pick(cfg, ids[i], len(run.visits)) if run.visits is not None else None
+             for i, planned in enumerate(plan) if planned is None}
     sampled = run.real is not None or run.memory.can_sample(cfg.way_train, cfg.num_sup_train, cfg.num_qur_train)
-    for i, planned in enumerate(plan):
-        if planned is None and not sampled:
+    for i, k in rerun.items():
+        if k is None and not sampled:
             done[i] = (0.0, float("nan"))
-    mine = [i for i, planned in enumerate(plan) if planned is None and sampled and procs.owns(i)]
+    again = [i for i, k in rerun.items() if k is not None and procs.owns(i)]
+    for i in again:                         # one at a time, as the visits
+        loss, acc = kd_replay.kd_replay_task(run.model, meta_params(run.model), run.visits.records[rerun[i]], cfg,
+                                             run.prep, KD_LOSSES[cfg.kd_loss], device)
+        loss.backward()
+        grads.take(i)
+        done[i] = (loss.item(), acc)
+    mine = [i for i, k in rerun.items() if k is None and sampled and procs.owns(i)]
     tasks = [draw_replay(run.real if run.real is not None else run.memory, cfg, ids[i], device) for i in mine]
     kw = dict(steps=cfg.inner_update_num, lr=cfg.inner_lr, way=cfg.way_train, first_order=cfg.approx)
     out = accel.grad_tasks(run.ex, run.model, lambda m, p, *t: task_loss(m, p, *t, **kw), meta_params(run.model),
@@ -210,7 +228,7 @@ def meta_batch(run: Run, ids: list[int]) -> tuple[list[float], list[float]]:
     for i, ((loss, acc), g) in zip(mine, out):
         grads.put(i, g)
         done[i] = (loss, percent(acc))
-    done.update(dist.gather_items({i: done[i] for i in mine}, procs))
+    done.update(dist.gather_items({i: done[i] for i in [*again, *mine]}, procs))
     grads.reduce(procs)
     return [done[i][0] for i in range(len(ids))], [done[i][1] for i in range(len(ids))]
 
@@ -279,6 +297,7 @@ def visit(run: Run, task_id: int, entry, rng) -> tuple:
                  "api_confidence": out.api_confidence, "api_agreement": out.api_agreement, "seconds": time.time() - t, "queries": spent,
                  "recovery_steps": out.recovery_steps, "api": entry.name, "way": len(entry.classes), "verdict": out.verdict,
                  "support": out.support and tuple(v.cpu() for v in out.support),
+                 "queried": out.queried and tuple(v.cpu() for v in out.queried),
                  "query": out.query and tuple(v.cpu() for v in out.query)}
 
 

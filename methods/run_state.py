@@ -63,6 +63,7 @@ class Run:
     memory: object = None
     real: object = None             # the real images (maml_real)
     meta_generator: object = None
+    visits: object = None           # the recorded visits (--kd_replay, methods/kd_replay.py)
     state: LoopState = field(default_factory=LoopState)
     saved_task: int | None = None   # the task of the last checkpoint written
     metrics: object = field(default_factory=_Silent)
