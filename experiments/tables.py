@@ -275,6 +275,25 @@ def ablation_additions_summary(R: dict) -> str:
     return _switch_summary(R["ablation_additions"])
 
 
+def ablation_additions_means(R: dict) -> str:
+    """Per addition, over the seeds it ran: the mean difference to the faithful row of the same seed, its range,
+    and the mean queries against the faithful rows' mean."""
+    bases, groups = _switch_rows(R["ablation_additions"])
+    lines = ["| row | seeds | mean vs faithful | lowest, highest | ahead / behind (intervals apart) | "
+             "mean API queries (faithful on the same seeds) |", "|---|---|---|---|---|---|"]
+    for name, rows in groups.items():
+        if name == "faithful":
+            continue
+        d = [r["acc"] - bases[r["seed"]]["acc"] for r in rows]
+        sep = [x for r, x in zip(rows, d) if apart(r["acc"], r["ci"], bases[r["seed"]]["acc"], bases[r["seed"]]["ci"])]
+        q = sum(r["api_queries"] for r in rows) / len(rows)
+        qf = sum(bases[r["seed"]]["api_queries"] for r in rows) / len(rows)
+        lines.append(f"| {name} | {len(rows)} | {sum(d) / len(d):+.2f} | {min(d):+.2f}, {max(d):+.2f} | "
+                     f"{sum(x > 0 for x in sep)} / {sum(x < 0 for x in sep)} | {thousands(round(q))} "
+                     f"({thousands(round(qf))}) |")
+    return "\n".join(lines)
+
+
 def _switch_table(A: dict) -> str:
     bases, groups = _switch_rows(A)
     lines = ["| row | main.py flags | seed | 5-way 1-shot (%) | vs faithful | API queries | visits |",
@@ -419,6 +438,66 @@ def queries_seed2023(R: dict) -> str:
             f"{acc(p)}; `--meta_generator` under {m['budget_share']} of that made {m['visits']} visits, "
             f"{thousands(m['queries'])} queries ({ratio(p['queries'], m['queries'])}), and scored {acc(m)}. "
             f"{verdict}")
+
+
+def _seed_rows(T: dict) -> tuple[dict, dict]:
+    """({seed: the paper_full row}, {row name: its rows by seed}) of results/queries.json "seeds"."""
+    groups = {}
+    for r in T["rows"]:
+        groups.setdefault(r["row"], []).append(r)
+    return {r["seed"]: r for r in groups["paper_full"]}, groups
+
+
+def queries_seeds(R: dict) -> str:
+    """The curve's rows on three seeds, each against the paper recovery of its seed."""
+    T = R["queries"]["seeds"]
+    full, groups = _seed_rows(T)
+    lines = ["| row | method | seed | query budget | API queries | vs paper_full | visits | 5-way 1-shot (%) | "
+             "vs paper_full |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, rows in groups.items():
+        for r in sorted(rows, key=lambda r: r["seed"]):
+            p = full[r["seed"]]
+            budget = "none" if r["budget"] is None else thousands(r["budget"])
+            lines.append(f"| {name} | {r['method']} | {r['seed']} | {budget} | {thousands(r['queries'])} | "
+                         f"{ratio(p['queries'], r['queries'])} | {r['visits']} | {acc(r)} | "
+                         f"{'—' if r is p else vs(r, p)} |")
+    for r in T["lines"]:
+        lines.append(f"| — | {r['label']} | 2022 | — | 0 | — | — | {acc(r)} | — |")
+    lines += ["", f"Demo preset, 400 tasks, model chosen on meta_val; 5-way 1-shot meta-test accuracy ± 95% CI over "
+                  f"{T['test_tasks']} tasks. Measured {T['date']} on {T['processor']}, {T['conditions']}; commit "
+                  f"{T['commit']}. Command: `{T['command']}`."]
+    return "\n".join(lines)
+
+
+def queries_seeds_summary(R: dict) -> str:
+    """Per row: mean and spread over the seeds, and how it stands against the paper recovery on each."""
+    full, groups = _seed_rows(R["queries"]["seeds"])
+    parts = []
+    for name, rows in groups.items():
+        a = [r["acc"] for r in rows]
+        mean = sum(a) / len(a)
+        head = (f"`{name}` {mean:.2f} on average over {len(rows)} seeds (from {min(a):.2f} to {max(a):.2f}, "
+                f"{sum(r['queries'] for r in rows) / len(rows):,.0f} queries)")
+        if name != "paper_full":
+            ahead = sum(apart(r["acc"], r["ci"], full[r["seed"]]["acc"], full[r["seed"]]["ci"])
+                        and r["acc"] > full[r["seed"]]["acc"] for r in rows)
+            behind = sum(apart(r["acc"], r["ci"], full[r["seed"]]["acc"], full[r["seed"]]["ci"])
+                         and r["acc"] < full[r["seed"]]["acc"] for r in rows)
+            head += (f": ahead of the paper recovery with intervals apart on {ahead} of {len(rows)} seeds, behind "
+                     f"on {behind}")
+        parts.append(head)
+    return "; ".join(parts) + "."
+
+
+def queries_seeds_mg(R: dict) -> str:
+    """`--meta_generator` under 1/10 of the paper run's queries against the paper recovery, seed by seed."""
+    full, groups = _seed_rows(R["queries"]["seeds"])
+    rows = sorted(groups["mg_1_10"], key=lambda r: r["seed"])
+    pairs = ", ".join(f"{acc(r)} against {acc(full[r['seed']])} (seed {r['seed']})" for r in rows)
+    sides = [apart(r["acc"], r["ci"], full[r["seed"]]["acc"], full[r["seed"]]["ci"]) and
+             (1 if r["acc"] > full[r["seed"]]["acc"] else -1) for r in rows]
+    return (f"{pairs}: ahead with intervals apart on {sides.count(1)} of {len(rows)} seeds, behind on "
+            f"{sides.count(-1)}")
 
 
 def queries_tuning(R: dict) -> str:
@@ -602,6 +681,7 @@ GENERATORS = {
     "ablation-switches-summary": ("ablation_switches", ablation_switches_summary),
     "ablation-additions": ("ablation_additions", ablation_additions),
     "ablation-additions-summary": ("ablation_additions", ablation_additions_summary),
+    "ablation-additions-means": ("ablation_additions", ablation_additions_means),
     "fidelity": ("fidelity", fidelity),
     "fidelity-lowres": ("fidelity", fidelity_lowres),
     "side-by-side": ("side_by_side", side_by_side),
@@ -610,6 +690,9 @@ GENERATORS = {
     "queries-rerun": ("queries", queries_rerun),
     "queries-seed2023": ("queries", queries_seed2023),
     "queries-tuning": ("queries", queries_tuning),
+    "queries-seeds": ("queries", queries_seeds),
+    "queries-seeds-summary": ("queries", queries_seeds_summary),
+    "queries-seeds-mg": ("queries", queries_seeds_mg),
     "queries-vs-ablation": ("queries", queries_vs_ablation),
     "demo-timing": ("timings", demo_timing),
     "boundary-ratio": ("timings", boundary_ratio),
