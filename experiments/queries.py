@@ -146,7 +146,14 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--test_tasks", type=int, default=600)
     p.add_argument("--flags", default="", help="extra main.py flags for every row (e.g. '--meta_generator_steps 4')")
     p.add_argument("--list", action="store_true", help="print the rows (method, main.py flags, budget) as JSON; run nothing")
+    p.add_argument("--seeds_figure", metavar="PNG", help="draw results/queries.json's three-seed curve into PNG "
+                   "(docs/figs/accuracy_vs_queries_seeds.png); run nothing")
     a = p.parse_args(argv)
+    if a.seeds_figure:
+        from reporting.figures import accuracy_vs_queries_seeds
+        T = json.load(open(os.path.join(ROOT, "results", "queries.json")))["seeds"]
+        accuracy_vs_queries_seeds(T["rows"], a.seeds_figure, {r["label"]: (r["acc"], r["ci"]) for r in T["lines"]})
+        return []
     if a.list:
         print(json.dumps({name: {"method": m, "flags": f, "budget": None if s is None else str(s)}
                           for name, (m, f, s) in ROWS.items()}))

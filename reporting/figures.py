@@ -124,3 +124,36 @@ def accuracy_vs_queries(rows: list[dict], path: str, lines: dict[str, tuple[floa
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
+
+
+def accuracy_vs_queries_seeds(rows: list[dict], path: str, lines: dict[str, tuple[float, float]] | None = None,
+                              title: str = "5-way 1-shot accuracy against API queries, three seeds") -> None:
+    """Per row of the curve ({row, method, seed, queries, acc}): each seed's run as a faint dot, and the mean
+    over seeds (of queries and of accuracy) as a marker joined per method, with a bar from the lowest seed
+    to the highest."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for method, color in zip(dict.fromkeys(r["method"] for r in rows), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        mine = [r for r in rows if r["method"] == method]
+        means = []
+        for name in dict.fromkeys(r["row"] for r in mine):
+            runs = [r for r in mine if r["row"] == name]
+            ax.scatter([r["queries"] for r in runs], [r["acc"] for r in runs], s=10, color=color, alpha=0.35)
+            accs = [r["acc"] for r in runs]
+            means.append((sum(r["queries"] for r in runs) / len(runs), sum(accs) / len(accs), min(accs), max(accs)))
+        means.sort()
+        ax.errorbar([m[0] for m in means], [m[1] for m in means],
+                    yerr=[[m[1] - m[2] for m in means], [m[3] - m[1] for m in means]],
+                    marker="o", ms=4, capsize=3, color=color, label=method)
+    for (label, (acc, ci)), color in zip((lines or {}).items(), ("gray", "black", "purple")):
+        ax.axhline(acc, color=color, ls="--", lw=1, label=f"{label} ({acc:.1f})")
+        ax.axhspan(acc - ci, acc + ci, color=color, alpha=0.12)
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("API queries in total (log scale; mean over seeds)")
+    ax.set_ylabel("accuracy (%): mean, lowest to highest seed")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="best", fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)

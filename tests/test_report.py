@@ -65,3 +65,13 @@ def test_last_pth_keeps_what_reporting_reads(tiny_run, tmp_path):
         assert torch.equal(torch.cat(list(ck["memory"]["store"][c]))[:6], torch.cat(mem.batches(c))[:6])
     assert recovered_vs_real(out, str(tmp_path / "recovered.png"))
     assert os.path.getsize(tmp_path / "recovered.png") > 1000
+
+
+def test_the_three_seed_queries_figure_is_drawn_from_results(tmp_path):
+    """python -m experiments.queries --seeds_figure: a picture from results/queries.json's three-seed rows."""
+    from experiments.queries import main as queries_main
+    out = tmp_path / "seeds.png"
+    assert queries_main(["--seeds_figure", str(out)]) == []
+    from PIL import Image
+    with Image.open(out) as im:
+        assert im.size[0] > 500 and im.size[1] > 300
