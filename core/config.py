@@ -130,20 +130,20 @@ class Config:
     prior_tv: float = _pool(0.0, "weight λ of a total-variation prior on the recovered images, added to the generator's "
                                  "objective (exact gradient, no query; 0: off, as the original; docs/differences.md B17)",
                             low=0, entry=S)
-    prior_diversity: float = _pool(0.0, "weight λ of a diversity prior: the mean cosine similarity of a class's recovered "
-                                        "images, added to the generator's objective (exact gradient, no query; 0: off, "
-                                        "as the original; docs/differences.md B19)", low=0, entry=S)
-    memory_labels: str = _pool("target", "labels of the recovered images in the task memory: target (the class each was "
-                                         "recovered for, as the original) | api (the API's answer on it, already "
-                                         "queried; docs/differences.md B20)", choices=("target", "api"))
-    kd_replay: float = _pool(0.0, "KD replay: each replay task is, with this probability, a recorded API visit's bi-level "
-                                  "KD task run again on the sets and API answers it queried (no query; 0: off, as the "
-                                  "original; docs/differences.md B21)", low=0, high=1)
+    prior_diversity: float = _pool(0.0, "weight λ of a diversity prior: the mean cosine similarity of a class's "
+                                        "recovered images, added to the generator's objective (exact gradient, no "
+                                        "query; 0: off, as the original; docs/differences.md B19)", low=0, entry=S)
+    memory_labels: str = _pool("target", "labels of the recovered images in the task memory: target (the class "
+                                         "each was recovered for, as the original) | api (the API's answer on it, "
+                                         "already queried; docs/differences.md B20)", choices=("target", "api"))
+    kd_replay: float = _pool(0.0, "KD replay: each replay task is, with this probability, a recorded API visit's "
+                                  "bi-level KD task run again on the sets and API answers it queried (no query; 0: "
+                                  "off, as the original; docs/differences.md B21)", low=0, high=1)
     kd_replay_keep: int = _pool(50, "with --kd_replay: the last recorded visits kept", low=1)
     replay_augment: bool = _pool(False, "random crop/flip of replayed images (off, as in the original)")
-    replay_mix: float = _pool(0.0, "task interpolation: each replay task's images are mixed with a second memory task's, "
-                                   "class by class, x = λ x1 + (1 - λ) x2, λ ~ Beta(α, α) per task (α; 0: off, as the "
-                                   "original; docs/differences.md B18)", low=0)
+    replay_mix: float = _pool(0.0, "task interpolation: each replay task's images are mixed with a second memory "
+                                   "task's, class by class, x = λ x1 + (1 - λ) x2, λ ~ Beta(α, α) per task (α; 0: "
+                                   "off, as the original; docs/differences.md B18)", low=0)
     inversion_augment: str = _pool("batch", "inversion crop/flip: batch (one per step, as the original) | image",
                                    choices=("batch", "image"))
     keep_best: str = _pool("batch", "recovered images kept: batch (the whole batch of the step whose objective was "

@@ -294,11 +294,12 @@ def visit(run: Run, task_id: int, entry, rng) -> tuple:
                       judge=judge)
     spent = {k: v - before.get(k, 0) for k, v in run.pool.meter.per_api.items() if v != before.get(k, 0)}
     return out, {"rank": run.procs.rank, "loss": out.loss.item(), "acc": out.acc, "kl_before": out.kl_before,
-                 "api_confidence": out.api_confidence, "api_agreement": out.api_agreement, "seconds": time.time() - t, "queries": spent,
-                 "recovery_steps": out.recovery_steps, "api": entry.name, "way": len(entry.classes), "verdict": out.verdict,
+                 "api_confidence": out.api_confidence, "api_agreement": out.api_agreement,
+                 "seconds": time.time() - t, "queries": spent, "recovery_steps": out.recovery_steps,
+                 "api": entry.name, "way": len(entry.classes), "verdict": out.verdict,
                  "support": out.support and tuple(v.cpu() for v in out.support),
-                 "queried": out.queried and tuple(v.cpu() for v in out.queried),
-                 "query": out.query and tuple(v.cpu() for v in out.query)}
+                 "query": out.query and tuple(v.cpu() for v in out.query),
+                 "queried": out.queried and tuple(v.cpu() for v in out.queried)}
 
 
 def stopped(run: Run, why: str) -> Interrupted:
