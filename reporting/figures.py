@@ -111,13 +111,18 @@ def accuracy_vs_queries(rows: list[dict], path: str, lines: dict[str, tuple[floa
         pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["queries"])
         ax.errorbar([r["queries"] for r in pts], [r["acc"] for r in pts], yerr=[r["ci"] for r in pts],
                     marker="o", ms=4, capsize=3, label=method)
+    _finish_queries_plot(fig, ax, path, lines, "API queries in total (log scale)", "accuracy (%)", title)
+
+
+def _finish_queries_plot(fig, ax, path: str, lines, xlabel: str, ylabel: str, title: str) -> None:
+    """Baselines as horizontal levels (±CI bands), log-scaled queries, labels; written to `path`."""
     for (label, (acc, ci)), color in zip((lines or {}).items(), ("gray", "black", "purple")):
         ax.axhline(acc, color=color, ls="--", lw=1, label=f"{label} ({acc:.1f})")
         ax.axhspan(acc - ci, acc + ci, color=color, alpha=0.12)
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())     # crowded labels between decades
-    ax.set_xlabel("API queries in total (log scale)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="best", fontsize=7)
@@ -144,16 +149,5 @@ def accuracy_vs_queries_seeds(rows: list[dict], path: str, lines: dict[str, tupl
         ax.errorbar([m[0] for m in means], [m[1] for m in means],
                     yerr=[[m[1] - m[2] for m in means], [m[3] - m[1] for m in means]],
                     marker="o", ms=4, capsize=3, color=color, label=method)
-    for (label, (acc, ci)), color in zip((lines or {}).items(), ("gray", "black", "purple")):
-        ax.axhline(acc, color=color, ls="--", lw=1, label=f"{label} ({acc:.1f})")
-        ax.axhspan(acc - ci, acc + ci, color=color, alpha=0.12)
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("API queries in total (log scale; mean over seeds)")
-    ax.set_ylabel("accuracy (%): mean, lowest to highest seed")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="best", fontsize=7)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+    _finish_queries_plot(fig, ax, path, lines, "API queries in total (log scale; mean over seeds)",
+                         "accuracy (%): mean, lowest to highest seed", title)

@@ -351,15 +351,21 @@ def test_total_variation_is_the_mean_squared_neighbour_difference():
     assert rec.total_variation(x).tolist() == pytest.approx([0.0 + 4 / 4, 0.0])
 
 
-def test_prior_tv_smooths_the_recovered_images_at_the_same_queries():
-    """--prior_tv: an exact gradient on G's images, no query; a strong one leaves smoother images."""
+def _with_and_without(prior: str, lam: float, per_class: int) -> tuple[dict, dict]:
+    """Small zero-order recoveries from the same seeds with the prior off and at weight lam: (images, queries)."""
     out, queries = {}, {}
-    for lam in (0.0, 1e4):
+    for w in (0.0, lam):
         api = FakeAPI()
         torch.manual_seed(0)
-        out[lam], _ = recover(api, 2, Config(ZO=True, q=5, generate_iterations=20, Glr=0.01, keep_best="image",
-                                             prior_tv=lam), generator=gen(3))
-        queries[lam] = api.queries
+        out[w], _ = recover(api, per_class, Config(ZO=True, q=5, generate_iterations=20, Glr=0.01, keep_best="image",
+                                                   **{prior: w}), generator=gen(3))
+        queries[w] = api.queries
+    return out, queries
+
+
+def test_prior_tv_smooths_the_recovered_images_at_the_same_queries():
+    """--prior_tv: an exact gradient on G's images, no query; a strong one leaves smoother images."""
+    out, queries = _with_and_without("prior_tv", 1e4, 2)
     assert queries[0.0] == queries[1e4]
     assert rec.total_variation(out[1e4]).mean() < 0.5 * rec.total_variation(out[0.0]).mean()
 
@@ -376,12 +382,6 @@ def test_class_similarity_is_the_mean_cosine_of_same_class_pairs():
 def test_prior_diversity_spreads_a_class_at_the_same_queries():
     """--prior_diversity: an exact gradient on G's images, no query; a strong one leaves a class's images
     less alike."""
-    out, queries = {}, {}
-    for lam in (0.0, 50.0):
-        api = FakeAPI()
-        torch.manual_seed(0)
-        out[lam], _ = recover(api, 3, Config(ZO=True, q=5, generate_iterations=20, Glr=0.01, keep_best="image",
-                                             prior_diversity=lam), generator=gen(3))
-        queries[lam] = api.queries
+    out, queries = _with_and_without("prior_diversity", 50.0, 3)
     assert queries[0.0] == queries[50.0]
     assert rec.class_similarity(out[50.0], 3).mean() < rec.class_similarity(out[0.0], 3).mean() - 0.1
