@@ -53,8 +53,8 @@ ROWS = {
     "replay_mix": (["--replay_mix", "0.5"], "faithful"),
     "memory_labels_api": (["--memory_labels", "api"], "faithful"),
     "kd_replay": (["--kd_replay", "0.25"], "faithful"),
-    # the balance of visits and replay: four times the visits, each a quarter of the queries (low-resolution
-    # directions keep the estimate's fidelity at q 4), within the faithful run's queries
+    # the balance of visits and replay: a visit at a quarter of the queries (low-resolution directions keep
+    # the estimate's fidelity at q 4), a visit whenever a meta-batch does not improve, within the faithful run's queries
     "cheap_visits": (["--zo_resolution", "4", "--q", "4", "--generate_interval", "1", "--query_budget", "841000"],
                      "faithful"),
     "before_faithful_switches": (["--kd_loss", "kl", "--keep_best", "image", "--api_output", "probs",
