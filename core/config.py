@@ -127,6 +127,15 @@ class Config:
                                          "(instead of --generate_iterations)")
     meta_generator_lr: float = _pool(1.0, "with --meta_generator: Reptile step size ε, φ <- φ + ε(φ' - φ), "
                                           "in (0, 1]", above=0, high=1)
+    recovery: str = _pool("invert", "how a visit recovers its sets: invert (a generator trained on zero-order gradient "
+                                    "estimates, as the original) | screen (the candidates of a procedural image prior the "
+                                    "API rates highest, one query each; docs/differences.md B22)",
+                          choices=("invert", "screen"), entry=S)
+    screen_candidates: int = _pool(0, "with --recovery screen: candidates queried per recovered image (0: as many as an "
+                                      "inversion spends, (q + 1) x generate_iterations)", low=0, entry=S)
+    screen_memory: int = _pool(0, "with --recovery screen: the next-best candidates of each class, this many, also "
+                                  "enter the task memory from the support set's screening (already answered: no "
+                                  "query; 0: the sets alone, as an inversion visit)", low=0)
     prior_tv: float = _pool(0.0, "weight λ of a total-variation prior on the recovered images, added to the generator's "
                                  "objective (exact gradient, no query; 0: off, as the original; docs/differences.md B17)",
                             low=0, entry=S)
@@ -387,15 +396,21 @@ def check_values(cfg: Config, names=None) -> None:
 
 def visit_cost(cfg: Config) -> int:
     """API queries of one visit (upper bound): every synthesis step queries each image once,
-    plus q perturbed copies with --ZO; then the API labels the kept images once."""
-    per_step = (cfg.q + 1) if cfg.ZO else 1
+    plus q perturbed copies with --ZO (screening: each recovered image's candidates once); then the API
+    labels the kept images once."""
+    if cfg.recovery == "screen":
+        per_image = cfg.screen_candidates or (cfg.q + 1) * cfg.generate_iterations
+    else:
+        per_image = recovery_steps(cfg) * ((cfg.q + 1) if cfg.ZO else 1)
     images = cfg.way_pretrain * (cfg.num_sup_kd + cfg.num_qur_kd)
     # --api_trust: each judge (at most judges per class) sees the support set, and the API as many images of
     # each judge's classes from the memory
     judging = 2 * cfg.way_pretrain ** 2 * cfg.api_trust_judges * cfg.num_sup_kd
-    return images * (recovery_steps(cfg) * per_step + 1) + (judging if cfg.api_trust != "off" else 0)
+    return images * (per_image + 1) + (judging if cfg.api_trust != "off" else 0)
 
 
 def recovery_steps(cfg: Config) -> int:
-    """Generator steps per recovered set: --meta_generator_steps with --meta_generator."""
+    """Generator steps per recovered set: --meta_generator_steps with --meta_generator; none when screening."""
+    if cfg.recovery == "screen":
+        return 0
     return cfg.meta_generator_steps if cfg.meta_generator else cfg.generate_iterations

@@ -57,6 +57,11 @@ ROWS = {
     # the estimate's fidelity at q 4), a visit whenever a meta-batch does not improve, within the faithful run's queries
     "cheap_visits": (["--zo_resolution", "4", "--q", "4", "--generate_interval", "1", "--query_budget", "841000"],
                      "faithful"),
+    # recovery by screening a procedural prior: the same queries a visit, spent on labels instead of gradients
+    "screen": (["--recovery", "screen"], "faithful"),
+    "improved_screen": (["--recipe", "improved", "--recovery", "screen"], "faithful"),
+    # and what the screening already answered, kept: three times the sets' images per class and visit
+    "screen_memory": (["--recovery", "screen", "--screen_memory", "60"], "faithful"),
     "before_faithful_switches": (["--kd_loss", "kl", "--keep_best", "image", "--api_output", "probs",
                                   "--memory_quantize", "round"], "faithful"),
 }

@@ -54,6 +54,13 @@ def check(cfg: Config) -> None:
     if cfg.query_budget is not None and cfg.query_budget < visit_cost(cfg):
         raise FlagError(f"--query_budget {cfg.query_budget} does not cover one API visit (~{visit_cost(cfg)} queries "
                         "with these flags); raise it or lower --generate_iterations/--q")
+    per_image = cfg.screen_candidates or (cfg.q + 1) * cfg.generate_iterations
+    if cfg.recovery == "screen" and per_image * cfg.num_sup_kd < cfg.num_sup_kd + cfg.screen_memory:
+        raise FlagError(f"--screen_memory {cfg.screen_memory} asks more of each class than its support set's "
+                        f"{per_image * cfg.num_sup_kd} candidates can give beside its {cfg.num_sup_kd} images; lower it "
+                        "or raise --screen_candidates")
+    if cfg.recovery == "screen" and cfg.meta_generator:
+        raise FlagError("--recovery screen trains no generator, so --meta_generator has nothing to start; drop one")
     if cfg.meta_generator and Dist.from_env().world > 1:
         raise FlagError("--meta_generator learns from the visits one after another, in one process; run it "
                         "without torchrun")

@@ -35,6 +35,7 @@ from dataset import MIX_IMAGE_SIZE, normalize, random_crop_flip, resize
 from network.generator import LATENT_DIM
 from synthesis.api import probabilities
 from synthesis.recover import recover
+from synthesis.screen import screen
 
 from .maml import Params, Prep, adapt, forward, hits, kl_loss, percent
 
@@ -51,6 +52,7 @@ class KDOutcome:
     verdict: dict | None = None                  # the judge's record (--api_trust)
     api_agreement: float = float("nan")          # share of recovered images the API assigns to their target
     queried: tuple | None = None                 # (S~, p_S, Q~, p_Q): what the API answered (--kd_replay)
+    spare: tuple[torch.Tensor, torch.Tensor] | None = None  # more screened images for the memory (--screen_memory)
 
 
 def bounded_student(fn, chunk: int):
@@ -104,6 +106,8 @@ def _visit(model, params, api, cfg: Config, prep: Prep, boundary: bool, generato
     loss_fn = KD_LOSSES[cfg.kd_loss]
 
     def recover_set(kind: str, per_class: int, **kw):
+        if cfg.recovery == "screen":
+            return screen(api, per_class, cfg, generator=generator, image_size=size, **kw)
         if meta_generator is None:
             return recover(api, per_class, cfg, generator=generator, image_size=size, **kw)
         final = {}
@@ -112,7 +116,8 @@ def _visit(model, params, api, cfg: Config, prep: Prep, boundary: bool, generato
         meta_generator.update(kind, api.classes, final)
         return out
 
-    sx, sy = recover_set("support", cfg.num_sup_kd)
+    spare = {"per_class": cfg.screen_memory} if cfg.recovery == "screen" and cfg.screen_memory else None
+    sx, sy = recover_set("support", cfg.num_sup_kd, **({"spare": spare} if spare else {}))
     sxa = augment_set(sx, cfg.kd_augment, generator, api.spec.image_size)
     sp = api_probs(api, sxa)
     verdict = judge(api, sx, sy, sp) if judge is not None else None
@@ -145,4 +150,5 @@ def _visit(model, params, api, cfg: Config, prep: Prep, boundary: bool, generato
     return KDOutcome(loss, percent(hits(logits.detach(), qy.to(logits.device))), kl_before,
                      (sx.detach(), classes[s_mem.cpu()]), (qx.detach(), classes[q_mem.cpu()]),
                      confidence.mean().item(), 2 * recovery_steps(cfg), verdict, agreement,
-                     (sxa.detach(), sp, qxa.detach(), qp) if cfg.kd_replay > 0 else None)
+                     (sxa.detach(), sp, qxa.detach(), qp) if cfg.kd_replay > 0 else None,
+                     (spare["images"], classes[spare["labels"].cpu()]) if spare else None)

@@ -190,6 +190,8 @@ def meta_batch(run: Run, ids: list[int]) -> tuple[list[float], list[float]]:
         if r["support"] is not None:
             run.memory.add(*r["support"], owner=r["api"])
             run.memory.add(*r["query"], owner=r["api"])
+            if r["spare"] is not None:
+                run.memory.add(*r["spare"], owner=r["api"])
             if run.visits is not None:
                 run.visits.add(kd_replay.VisitRecord.of(r["api"], *r["queried"]))
         elif r["api"] not in run.state.distrusted:     # --api_trust dropped the visit
@@ -255,7 +257,7 @@ def plan_meta_batch(run: Run, ids: list[int]) -> list:
         if wanted:
             rng = task_rng(cfg.seed, task_id)
             entry = pick_trusted(run.pool, rng, s.distrusted)
-            counts.add(entry.classes, cfg.num_sup_kd, cfg.num_qur_kd)
+            counts.add(entry.classes, *memory_batches(cfg))
             queries += visit_cost(cfg)
             visit_next = False
             out.append((entry, rng))
@@ -266,6 +268,12 @@ def plan_meta_batch(run: Run, ids: list[int]) -> list:
         else:
             out.append(None)
     return out
+
+
+def memory_batches(cfg) -> tuple[int, ...]:
+    """Images per class of each batch a visit adds to the memory: support, query (and --screen_memory's spares)."""
+    spares = (cfg.screen_memory,) if cfg.recovery == "screen" and cfg.screen_memory else ()
+    return (cfg.num_sup_kd, cfg.num_qur_kd, *spares)
 
 
 def pick_trusted(pool, rng, distrusted: list[str]):
@@ -299,7 +307,8 @@ def visit(run: Run, task_id: int, entry, rng) -> tuple:
                  "api": entry.name, "way": len(entry.classes), "verdict": out.verdict,
                  "support": out.support and tuple(v.cpu() for v in out.support),
                  "query": out.query and tuple(v.cpu() for v in out.query),
-                 "queried": out.queried and tuple(v.cpu() for v in out.queried)}
+                 "queried": out.queried and tuple(v.cpu() for v in out.queried),
+                 "spare": out.spare and tuple(v.cpu() for v in out.spare)}
 
 
 def stopped(run: Run, why: str) -> Interrupted:

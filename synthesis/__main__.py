@@ -1,4 +1,4 @@
-"""Invert one API of a pool and look at what it gives up.
+"""Invert (or screen, --recovery screen) one API of a pool and look at what it gives up.
 
     python -m synthesis --dataset cifar100 --pre_backbone conv4 --api 0 --ZO --out grid.png
 
@@ -34,8 +34,8 @@ def _extra(p: argparse.ArgumentParser) -> None:
 
 
 PARSER = dict(prog="python -m synthesis", names=FLAGS, aliases={"query_budget": ("--budget",)}, extra=_extra,
-              description="Recover images from one API of a pretrained pool by generator inversion; save them "
-                          "as a grid.")
+              description="Recover images from one API of a pretrained pool by generator inversion (or, with --recovery "
+                          "screen, by screening a procedural prior); save them as a grid.")
 
 
 def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
@@ -56,6 +56,7 @@ def main(argv=None) -> dict:
 
     from .pool import APIPool
     from .recover import recover, save_grid
+    from .screen import screen
     device = pick_device(cfg.gpu, deterministic=cfg.deterministic)
     torch.manual_seed(cfg.seed)
     pool = APIPool.load(cfg.pretrained_path_prefix, cfg.dataset, cfg.pre_backbone, cfg.way_pretrain, a.api + 1,
@@ -63,7 +64,10 @@ def main(argv=None) -> dict:
     api = pool.get(cfg.dataset, cfg.pre_backbone, a.api)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     t0 = time.time()
-    images, labels = recover(api, a.num_per_class, cfg, generator=gen, progress=not a.no_progress)
+    if cfg.recovery == "screen":
+        images, labels = screen(api, a.num_per_class, cfg, generator=gen)
+    else:
+        images, labels = recover(api, a.num_per_class, cfg, generator=gen, progress=not a.no_progress)
     seconds = time.time() - t0
     queries = api.queries
     with torch.no_grad():

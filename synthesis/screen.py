@@ -1,0 +1,118 @@
+"""Data recovery by screening (--recovery screen; an addition to the paper, docs/differences.md B22).
+
+Inversion (synthesis/recover.py) spends (q + 1) queries per image per generator step estimating a gradient,
+and within a demo visit's budget ends on low-contrast patterns the API is confident about but no real image
+resembles. Screening spends the same queries on labels instead: it draws N candidate images from a
+procedural prior that knows nothing of the API or its data, asks the API once about each, and keeps for
+every class the candidates with the lowest recovery loss (synthesis/recover.per_image_loss, the boundary
+term included when a student is given):
+
+    x_1 .. x_N ~ dead leaves;     l_ic = CE(API(x_i), c) [- adv m_ic D(API(x_i), s_i)]
+    class c keeps the per_class candidates of lowest l_ic that no earlier class kept (c = 0, 1, ...)
+
+N = screen_candidates x (images recovered), so a visit costs what an inversion visit would: 0 (the default)
+takes (q + 1) x generate_iterations, the inversion's count. No gradient is estimated, nothing is trained.
+
+The prior is the dead-leaves model of natural images: a random background colour, then occluding discs and
+squares of random colours, dropped one over the other, their radii of density ∝ 1/r² (small leaves far
+more common than large ones, as the objects of natural images). It carries no shape, texture or class of any dataset; a meta model trained on
+what the API picks out of it sees colour regions, edges and occlusion instead of the inversion's patterns.
+"""
+from __future__ import annotations
+
+import torch
+
+from core.config import Config
+from dataset.augment import resize
+
+from .recover import per_image_loss
+
+LEAVES = 16                 # discs and squares dropped per image (each present with probability 1/2)
+RADIUS = (0.03, 0.5)        # radii as fractions of the image side
+CHUNK = 1000                # candidates rendered and queried at once (memory: CHUNK x C x S x S floats)
+
+
+def dead_leaves(n: int, size: int, channels: int = 3, generator: torch.Generator | None = None,
+                device="cpu") -> torch.Tensor:
+    """n dead-leaves images [n, channels, size, size] in [0, 1]; every draw from `generator`."""
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator, device=device)
+    axis = torch.linspace(0, 1, size, device=device)
+    yy, xx = axis[:, None], axis[None, :]
+    img = rand(n, channels, 1, 1).expand(n, channels, size, size).clone()
+    lo, hi = RADIUS
+    for _ in range(LEAVES):
+        present, cx, cy, u, square = rand(n, 1, 1) < 0.5, rand(n, 1, 1), rand(n, 1, 1), rand(n, 1, 1), rand(n, 1, 1)
+        r = 1.0 / (1.0 / lo + u * (1.0 / hi - 1.0 / lo))       # 1/r uniform: density ∝ 1/r² on [lo, hi]
+        dist = torch.where(square < 0.5, torch.maximum((xx - cx).abs(), (yy - cy).abs()),
+                           ((xx - cx) ** 2 + (yy - cy) ** 2).sqrt())
+        leaf = ((dist < r) & present).unsqueeze(1)
+        img = torch.where(leaf, rand(n, channels, 1, 1), img)
+    return img
+
+
+def screen(api, per_class: int, cfg: Config, *, student=None, adv: float = 0.0,
+           generator: torch.Generator | None = None, image_size: int | None = None,
+           stats: dict | None = None, spare: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_class` images for each of the API's classes, screened from dead-leaves candidates.
+
+    The same contract as synthesis.recover.recover: (images [way*per_class, C, S, S] in [0, 1], relative labels
+    grouped by class). student: images in [0, 1] -> logits (the fixed adapted meta model), used when adv > 0;
+    it sees the candidates `way * per_class` at a time (its batch statistics then match a recovered set's).
+    stats: filled with {"best_loss": the mean loss of the kept images}.
+    spare: {"per_class": k} asks for the k next-best distinct candidates of each class besides; filled with
+    {"images", "labels"} (grouped by class), at no extra query."""
+    spec, way = api.spec, len(api.classes)
+    device = torch.device(getattr(api, "device", "cpu"))
+    size = image_size or spec.image_size
+    n = way * per_class
+    extra = spare["per_class"] if spare is not None else 0
+    keep = way * (per_class + extra)    # per class: enough that the disjoint choice below never runs dry
+    per_image = cfg.screen_candidates or (cfg.q + 1) * cfg.generate_iterations
+    total = per_image * n
+    if total < keep:
+        raise ValueError(f"screening {total} candidates cannot give {way} classes {per_class} + {extra} distinct "
+                         "images each; raise --screen_candidates or lower --screen_memory")
+    mean = torch.as_tensor(spec.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std = torch.as_tensor(spec.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    logits_out = getattr(api, "output", "probs") == "logits"
+    use_student = student is not None and adv > 0
+    # Per class, the `keep` best candidates so far, with their indices.
+    best_loss = torch.full((way, 0), float("inf"), device=device)
+    best_idx = torch.zeros((way, 0), dtype=torch.long, device=device)
+    best_x = torch.zeros(way, 0, spec.channels, size, size, device=device)
+    chunk = max(n, CHUNK // n * n)      # a multiple of n: the student sees whole sets
+    with torch.no_grad():
+        for start in range(0, total, chunk):
+            m = min(chunk, total - start)
+            x = dead_leaves(m, size, spec.channels, generator, device)
+            x_api = x if size == spec.image_size else resize(x, spec.image_size)
+            scores = api((x_api - mean) / std)
+            s_logits = torch.cat([student(c) for c in x_api.split(n)]) if use_student else None
+            # loss[c, i]: candidate i's loss as an image of class c
+            loss = torch.stack([per_image_loss(scores, torch.full((m,), c, device=device), s_logits, adv, "l1",
+                                               logits_out) for c in range(way)])
+            loss = torch.cat([best_loss, loss], 1)
+            idx = torch.cat([best_idx, torch.arange(start, start + m, device=device).expand(way, m)], 1)
+            top = loss.topk(min(keep, loss.shape[1]), dim=1, largest=False).indices
+            best_x = torch.stack([torch.cat([best_x[c], x])[top[c]] for c in range(way)])
+            best_loss, best_idx = loss.gather(1, top), idx.gather(1, top)
+    # Classes choose in turn; a candidate an earlier class kept is not offered again (the spares choose after
+    # every class has its set).
+    taken, images, kept_loss, spares = set(), [], [], []
+    for count, out in ((per_class, images), (extra, spares)):
+        for c in range(way):
+            chosen = [j for j in range(best_idx.shape[1]) if best_idx[c, j].item() not in taken][:count]
+            taken.update(best_idx[c, chosen].tolist())
+            out.append(best_x[c, chosen])
+            if out is images:
+                kept_loss.append(best_loss[c, chosen])
+    if spare is not None:
+        spare["images"] = torch.cat(spares).contiguous()
+        spare["labels"] = torch.arange(way, device=device).repeat_interleave(extra)
+    if stats is not None:
+        stats["best_loss"] = torch.cat(kept_loss).mean().item()
+        stats["final_loss"] = stats["best_loss"]
+    target = torch.arange(way, device=device).repeat_interleave(per_class)
+    return torch.cat(images).contiguous(), target
+
