@@ -59,7 +59,25 @@ ROWS = {
                      "faithful"),
     # recovery by screening a procedural prior: the same queries a visit, spent on labels instead of gradients
     "screen": (["--recovery", "screen"], "faithful"),
-    "improved_screen": (["--recipe", "improved", "--recovery", "screen"], "faithful"),
+    # --recipe improved before it took --recovery screen, and with screening at an inversion's count
+    "improved_inversion": (["--init", "torch", "--keep_best", "image", "--api_output", "probs"], "faithful"),
+    "improved_screen_full": (["--init", "torch", "--keep_best", "image", "--api_output", "probs", "--recovery",
+                              "screen"], "faithful"),
+    "screen_quarter": (["--recovery", "screen", "--screen_candidates", "210"], "faithful"),
+    "screen_kl": (["--recovery", "screen", "--kd_loss", "kl"], "faithful"),
+    # the balance of visits and replay with screening: a visit at a quarter of the queries whenever a meta-batch
+    # does not improve, within the fewest queries a faithful demo run spent (seed 2023's)
+    "screen_cheap": (["--recovery", "screen", "--screen_candidates", "210", "--generate_interval", "1",
+                      "--query_budget", "756900"], "faithful"),
+    "screen_cheap_memory": (["--recovery", "screen", "--screen_candidates", "210", "--generate_interval", "1",
+                             "--query_budget", "756900", "--screen_memory", "60"], "faithful"),
+    # many cheap visits with no budget: 50 candidates per image (5,100 queries a visit), a visit whenever a
+    # meta-batch does not improve: at most 100 visits in a 400-task demo run, 510,000 queries
+    "improved_screen_frequent": (["--recipe", "improved", "--recovery", "screen", "--screen_candidates", "50",
+                                  "--generate_interval", "1"], "faithful"),
+    # the improved recipe's own ends of the gap: its untrained meta model, and MAML on the real meta-train images
+    "improved_random_init": (["--recipe", "improved", "--baseline", "random_init"], "faithful"),
+    "improved_maml_real": (["--recipe", "improved", "--baseline", "maml_real"], "faithful"),
     # and what the screening already answered, kept: three times the sets' images per class and visit
     "screen_memory": (["--recovery", "screen", "--screen_memory", "60"], "faithful"),
     "before_faithful_switches": (["--kd_loss", "kl", "--keep_best", "image", "--api_output", "probs",

@@ -254,10 +254,12 @@ def ablation_recipes(R: dict) -> str:
 
 
 def _switch_rows(A: dict) -> tuple[dict, dict]:
-    """(the faithful row of each seed, {row name: its rows}, names in the file's order)."""
+    """(the faithful row of each seed, {row name: its rows}, names in the file's order); the baselines' rows
+    (--baseline: the ends of a recipe's gap, not switches) are left to improved_gap."""
     groups = {}
     for r in A["rows"]:
-        groups.setdefault(r["row"], []).append(r)
+        if "--baseline" not in r["flags"]:
+            groups.setdefault(r["row"], []).append(r)
     return {r["seed"]: r for r in groups["faithful"]}, groups
 
 
@@ -292,6 +294,50 @@ def ablation_additions_means(R: dict) -> str:
                      f"{sum(x > 0 for x in sep)} / {sum(x < 0 for x in sep)} | {thousands(round(q))} "
                      f"({thousands(round(qf))}) |")
     return "\n".join(lines)
+
+
+def improved_gap(R: dict) -> str:
+    """The improved recipe's rows on its own random-to-real gap, per seed and as a mean over seeds, with
+    their queries against the faithful row's of the same seed (results/ablation_additions.json)."""
+    A = R["ablation_additions"]
+    rows = [r for r in A["rows"] if r["row"].startswith("improved")]
+    ends = {(r["row"], r["seed"]): r for r in rows if "--baseline" in r["flags"]}
+    faithful = {r["seed"]: r for r in A["rows"] if r["row"] == "faithful"}
+    seeds = sorted({s for _, s in ends if ("improved_random_init", s) in ends and ("improved_maml_real", s) in ends})
+    lines = ["| row | main.py flags | " + " | ".join(f"seed {s}: 1-shot, gap closed, queries (faithful's)" for s in seeds)
+             + " | mean gap closed |", "|---|---|" + "---|" * len(seeds) + "---|"]
+    names = list(dict.fromkeys(r["row"] for r in rows))
+    for name in names:
+        mine = {r["seed"]: r for r in rows if r["row"] == name}
+        if not all(s in mine for s in seeds):
+            continue
+        cells, closed = [], []
+        for s in seeds:
+            r, lo, hi = mine[s], ends[("improved_random_init", s)], ends[("improved_maml_real", s)]
+            g = gap_closed(r["acc"], lo["acc"], hi["acc"])
+            closed.append(g)
+            q = ("—" if "--baseline" in r["flags"] else
+                 f"{thousands(r['api_queries'])} ({thousands(faithful[s]['api_queries'])})")
+            cells.append(f"{acc(r)}, {100 * g:.1f}%, {q}")
+        flags = f"`{mine[seeds[0]]['flags']}`"
+        lines.append(f"| {name} | {flags} | " + " | ".join(cells) + f" | {100 * sum(closed) / len(closed):.1f}% |")
+    return "\n".join(lines)
+
+
+def improved_gap_summary(R: dict) -> str:
+    """One line: the recipe's (row `improved`) gap closed per seed, its mean, and its queries against the faithful
+    rows' (results/ablation_additions.json)."""
+    A = R["ablation_additions"]
+    by = {(r["row"], r["seed"]): r for r in A["rows"]}
+    seeds = sorted(s for (row, s) in by if row == "improved" and ("improved_random_init", s) in by
+                   and ("improved_maml_real", s) in by)
+    g = {s: gap_closed(by[("improved", s)]["acc"], by[("improved_random_init", s)]["acc"],
+                       by[("improved_maml_real", s)]["acc"]) for s in seeds}
+    per = " and ".join(f"{100 * g[s]:.1f}% (seed {s})" for s in seeds)
+    q = " and ".join(thousands(by[("improved", s)]["api_queries"]) for s in seeds)
+    qf = " and ".join(thousands(by[("faithful", s)]["api_queries"]) for s in seeds)
+    return (f"{per}, {100 * sum(g.values()) / len(g):.1f}% on average, on {q} queries against the faithful "
+            f"runs' {qf}")
 
 
 def _switch_table(A: dict) -> str:
@@ -351,6 +397,28 @@ def fidelity_lowres(R: dict) -> str:
     base = next(r for r in rows if r["q"] == q and r["estimator"] == "forward")["cosine"]["mean"]
     low = sorted((r for r in rows if r["q"] == q and r.get("resolution") in (8, 4)), key=lambda r: -r["resolution"])
     return " and ".join(f"{r['cosine']['mean'] / base:.1f}× ({r['resolution']} × {r['resolution']})" for r in low)
+
+
+def recovery_quality(R: dict) -> str:
+    """Inversion against screening at equal queries (results/recovery_quality.json)."""
+    Q = R["recovery_quality"]
+    lines = ["| recovery | queries per recovery | API assigns the image to its target | lowest over APIs "
+             "| API's probability of the target |", "|---|---|---|---|---|"]
+    for r in Q["rows"]:
+        lines.append(f"| {r['method']} | {r['queries']:,} | {r['target_acc']:.1f}% | {r['target_acc_min']:.1f}% | "
+                     f"{r['confidence']:.3f} |")
+    seeds = ", ".join(map(str, Q["seeds"]))
+    lines += ["", f"{Q['per_class']} images per class from each of {len(Q['apis'])} demo APIs (seed{'s' * (len(Q['seeds']) > 1)} "
+                  f"{seeds}). Measured {Q['date']} on {Q['processor']}, {Q['threads']} "
+                  f"thread(s), torch {Q['torch']}; `{Q['command']}`."]
+    return "\n".join(lines)
+
+
+def screen_target_acc(R: dict) -> str:
+    """One line: "100% of the time against 63% for inversion" (results/recovery_quality.json)."""
+    by = {r["method"]: r for r in R["recovery_quality"]["rows"]}
+    return (f"{by['screen']['target_acc']:.0f}% of the time against {by['invert']['target_acc']:.0f}% for "
+            f"inversion")
 
 
 def side_by_side(R: dict) -> str:
@@ -682,8 +750,12 @@ GENERATORS = {
     "ablation-additions": ("ablation_additions", ablation_additions),
     "ablation-additions-summary": ("ablation_additions", ablation_additions_summary),
     "ablation-additions-means": ("ablation_additions", ablation_additions_means),
+    "improved-gap": ("ablation_additions", improved_gap),
+    "improved-gap-summary": ("ablation_additions", improved_gap_summary),
     "fidelity": ("fidelity", fidelity),
     "fidelity-lowres": ("fidelity", fidelity_lowres),
+    "recovery-quality": ("recovery_quality", recovery_quality),
+    "screen-target-acc": ("recovery_quality", screen_target_acc),
     "side-by-side": ("side_by_side", side_by_side),
     "side-by-side-summary": ("side_by_side", side_by_side_summary),
     "queries-curve": ("queries", queries_curve),
