@@ -144,13 +144,17 @@ def ints(s: str) -> list[int]:
     return [int(a) for a in s.split(",") if a.strip()]
 
 
+def pool_arguments(p: argparse.ArgumentParser, made: str, apis: str, seeds: str) -> None:
+    """--pool, --apis and --seeds: which demo APIs a recovery experiment runs on, and its seeds."""
+    p.add_argument("--pool", default="./pretrained_blackbox", help=f"--pretrained_path_prefix of a demo pool ({made})")
+    p.add_argument("--apis", default=apis, help="indices of the pool's APIs")
+    p.add_argument("--seeds", default=seeds, help="recovery seeds (generator init, codes, crops, directions)")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m experiments.fidelity", description=__doc__.split("\n")[0])
-    p.add_argument("--pool", default="./pretrained_blackbox", help="--pretrained_path_prefix of a demo pool "
-                   "(made here with `pretrain.py --preset demo` if its APIs are missing)")
+    pool_arguments(p, "made here with `pretrain.py --preset demo` if its APIs are missing", "0,1", "0,1")
     p.add_argument("--data_root", default="./DFL2Ldata", help="the demo data (made here if the pool is missing)")
-    p.add_argument("--apis", default="0,1", help="indices of the pool's APIs")
-    p.add_argument("--seeds", default="0,1", help="recovery seeds (generator init, codes, crops, directions)")
     p.add_argument("--qs", default="20,100", help="queries per image per step, less the unperturbed one (even)")
     p.add_argument("--steps", type=int, default=None, help="generator steps (default: the demo preset's, 40)")
     p.add_argument("--per_class", type=int, default=2, help="images recovered per class (default 2)")

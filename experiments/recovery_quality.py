@@ -25,17 +25,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from experiments.ablation import processor  # noqa: E402
-from experiments.fidelity import _commit, ints  # noqa: E402
+from experiments.fidelity import _commit, ints, pool_arguments  # noqa: E402
 
 METHODS = ("invert", "screen")
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m experiments.recovery_quality", description=__doc__.split("\n")[0])
-    p.add_argument("--pool", default="./pretrained_blackbox", help="--pretrained_path_prefix of a demo pool "
-                   "(bash scriptskd/demo.sh or pretrain.py --preset demo makes one)")
-    p.add_argument("--apis", default="0,1,2,3,4,5,6,7", help="indices of the pool's APIs")
-    p.add_argument("--seeds", default="0", help="recovery seeds")
+    pool_arguments(p, "bash scriptskd/demo.sh or pretrain.py --preset demo makes one", "0,1,2,3,4,5,6,7", "0")
     p.add_argument("--per_class", type=int, default=8, help="images recovered per class (default 8)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="results/recovery_quality.json")

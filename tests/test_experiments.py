@@ -42,23 +42,43 @@ def test_an_unknown_row_is_refused_before_any_work(module, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow       # about 10 s: a subprocess that imports torch, then one 2-step recovery measured
-def test_fidelity_measures_both_estimators_at_equal_queries(tmp_path):
-    """experiments.fidelity on one random demo-shaped API (no pretraining), 2 steps, q 4: a row per estimator
-    and q, with q + 1 queries per image per step, the same (image, step) count, and the provenance."""
+def _random_pool(prefix) -> None:
+    """A demo pool of one untrained conv4 API (no pretraining)."""
     import os
 
     import torch
 
     import network
     from synthesis.store import pool_dir
-    folder = pool_dir(str(tmp_path / "pool"), "demo", "conv4", 5)
+    folder = pool_dir(str(prefix), "demo", "conv4", 5)
     os.makedirs(folder)
     torch.manual_seed(0)
     m = network.build("conv4", 5, channels=3, image_size=32)
     torch.save({"state_dict": m.state_dict(), "classes": list(range(5)), "arch": "conv4", "dataset": "demo",
                 "image_size": 32, "channels": 3, "way": 5, "val_acc": 50.0, "index": 0, "seed": 0, "epochs": 1},
                os.path.join(folder, "model_specific_0.pth"))
+
+
+@pytest.mark.slow       # about 10 s: a subprocess that imports torch, then a recovery each way
+def test_recovery_quality_compares_both_recoveries_at_equal_queries(tmp_path):
+    """experiments.recovery_quality on one untrained API: a row per method at the same queries per recovery
+    (the demo preset's 841 per image), shares and probabilities in range, the picture, the provenance."""
+    _random_pool(tmp_path / "pool")
+    out, fig = tmp_path / "rq.json", tmp_path / "rq.png"
+    run_cli(["-m", "experiments.recovery_quality", "--pool", str(tmp_path / "pool"), "--apis", "0", "--per_class",
+             "1", "--out", str(out), "--figure", str(fig)], env_extra={"OMP_NUM_THREADS": "1"})
+    r = json.loads(out.read_text())
+    assert [row["method"] for row in r["rows"]] == ["invert", "screen"]
+    assert {row["queries"] for row in r["rows"]} == {5 * 1 * (21 * 40)}
+    assert all(0 <= row["target_acc"] <= 100 and 0 < row["confidence"] <= 1 for row in r["rows"])
+    assert fig.exists() and {"date", "processor", "torch", "command", "commit"} <= set(r)
+
+
+@pytest.mark.slow       # about 10 s: a subprocess that imports torch, then one 2-step recovery measured
+def test_fidelity_measures_both_estimators_at_equal_queries(tmp_path):
+    """experiments.fidelity on one random demo-shaped API (no pretraining), 2 steps, q 4: a row per estimator
+    and q, with q + 1 queries per image per step, the same (image, step) count, and the provenance."""
+    _random_pool(tmp_path / "pool")
     out = tmp_path / "fidelity.json"
     run_cli(["-m", "experiments.fidelity", "--pool", str(tmp_path / "pool"), "--apis", "0", "--seeds", "0", "--qs",
              "4", "--steps", "2", "--per_class", "1", "--out", str(out)], env_extra={"OMP_NUM_THREADS": "1"})

@@ -141,3 +141,10 @@ def test_a_screening_run_fills_the_memory_with_its_spares_and_counts_its_queries
     cycle = " ".join(["2 3 3"] * 4)
     assert all(len(s) >= 3 and " ".join(map(str, s)) in cycle for s in sizes.values())
     assert sum(s.count(3) for s in sizes.values()) > sum(s.count(2) for s in sizes.values())
+
+
+def test_screening_at_another_size_shows_the_api_its_own_size():
+    """API-MH's shared size: candidates are made at image_size, the API sees them resized to its own."""
+    api = FakeAPI(way=2, size=8)
+    x, _ = _screen(api, per_class=1, candidates=10, image_size=16)
+    assert x.shape == (2, 3, 16, 16) and {tuple(c.shape[1:]) for c in api.calls} == {(3, 8, 8)}
