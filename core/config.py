@@ -399,7 +399,7 @@ def visit_cost(cfg: Config) -> int:
     plus q perturbed copies with --ZO (screening: each recovered image's candidates once); then the API
     labels the kept images once."""
     if cfg.recovery == "screen":
-        per_image = cfg.screen_candidates or (cfg.q + 1) * cfg.generate_iterations
+        per_image = screen_candidates(cfg)
     else:
         per_image = recovery_steps(cfg) * ((cfg.q + 1) if cfg.ZO else 1)
     images = cfg.way_pretrain * (cfg.num_sup_kd + cfg.num_qur_kd)
@@ -407,6 +407,11 @@ def visit_cost(cfg: Config) -> int:
     # each judge's classes from the memory
     judging = 2 * cfg.way_pretrain ** 2 * cfg.api_trust_judges * cfg.num_sup_kd
     return images * (per_image + 1) + (judging if cfg.api_trust != "off" else 0)
+
+
+def screen_candidates(cfg: Config) -> int:
+    """Candidates screened per recovered image: --screen_candidates, or 0 for an inversion's queries."""
+    return cfg.screen_candidates or (cfg.q + 1) * cfg.generate_iterations
 
 
 def recovery_steps(cfg: Config) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import accel
-from core.config import Config, check_values, visit_cost
+from core.config import Config, check_values, screen_candidates, visit_cost
 from core.dist import Dist
 from core.errors import FlagError
 from dataset.specs import MIX_DATASETS, MIX_NUM_CLASSES, SPECS
@@ -54,7 +54,9 @@ def check(cfg: Config) -> None:
     if cfg.query_budget is not None and cfg.query_budget < visit_cost(cfg):
         raise FlagError(f"--query_budget {cfg.query_budget} does not cover one API visit (~{visit_cost(cfg)} queries "
                         "with these flags); raise it or lower --generate_iterations/--q")
-    per_image = cfg.screen_candidates or (cfg.q + 1) * cfg.generate_iterations
+    if cfg.recovery != "screen" and cfg.screen_memory:     # (--screen_candidates may come from a recipe)
+        raise FlagError("--screen_memory hands the memory more screened images: add --recovery screen, or drop it")
+    per_image = screen_candidates(cfg)
     if cfg.recovery == "screen" and per_image * cfg.num_sup_kd < cfg.num_sup_kd + cfg.screen_memory:
         raise FlagError(f"--screen_memory {cfg.screen_memory} asks more of each class than its support set's "
                         f"{per_image * cfg.num_sup_kd} candidates can give beside its {cfg.num_sup_kd} images; lower it "

@@ -12,6 +12,9 @@ over images and classes (softmax outputs where log-probabilities belong); "kl", 
 over images. p: the API's probabilities. API-MH with one shared generator (mh_generator "shared", the
 original): the sets are recovered at the meta model's size and A crops a window of the API's size.
 
+With --recovery screen (an addition), S and Q are screened from a procedural prior instead
+(synthesis/screen.py: the candidates the API rates highest, one query each), and --screen_memory hands the
+memory more of the support set's screened candidates besides.
 With --api_trust, a judge (methods/trust.py) reads S and the API's answers on it first; an API it does
 not trust ends the visit there: no query set, a zero outer loss, nothing for the memory.
 The memory (methods/memory.py) later receives S and Q un-augmented, labelled with the classes they were

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from core.config import Config
+from core.config import Config, screen_candidates
 from dataset.augment import resize
 
 from .recover import per_image_loss
@@ -68,8 +68,7 @@ def screen(api, per_class: int, cfg: Config, *, student=None, adv: float = 0.0,
     n = way * per_class
     extra = spare["per_class"] if spare is not None else 0
     keep = way * (per_class + extra)    # per class: enough that the disjoint choice below never runs dry
-    per_image = cfg.screen_candidates or (cfg.q + 1) * cfg.generate_iterations
-    total = per_image * n
+    total = screen_candidates(cfg) * n
     if total < keep:
         raise ValueError(f"screening {total} candidates cannot give {way} classes {per_class} + {extra} distinct "
                          "images each; raise --screen_candidates or lower --screen_memory")

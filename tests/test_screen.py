@@ -148,3 +148,12 @@ def test_screening_at_another_size_shows_the_api_its_own_size():
     api = FakeAPI(way=2, size=8)
     x, _ = _screen(api, per_class=1, candidates=10, image_size=16)
     assert x.shape == (2, 3, 16, 16) and {tuple(c.shape[1:]) for c in api.calls} == {(3, 8, 8)}
+
+
+def test_screen_memory_without_screening_is_refused_and_the_recipe_can_go_back_to_inversion():
+    with pytest.raises(FlagError, match="add --recovery screen"):
+        check(Config(dataset="demo", ZO=True, screen_memory=3))
+    from main import parse_args
+    cfg = parse_args(["--preset", "demo", "--recipe", "improved", "--recovery", "invert"])
+    check(cfg)                                   # the recipe's --screen_candidates is left unused
+    assert visit_cost(cfg) == 100 * (40 * 21 + 1)
