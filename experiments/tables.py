@@ -305,22 +305,24 @@ def improved_gap(R: dict) -> str:
     faithful = {r["seed"]: r for r in A["rows"] if r["row"] == "faithful"}
     seeds = sorted({s for _, s in ends if ("improved_random_init", s) in ends and ("improved_maml_real", s) in ends})
     lines = ["| row | main.py flags | " + " | ".join(f"seed {s}: 1-shot, gap closed, queries (faithful's)" for s in seeds)
-             + " | mean gap closed |", "|---|---|" + "---|" * len(seeds) + "---|"]
+             + " | mean gap closed (over the seeds run) |", "|---|---|" + "---|" * len(seeds) + "---|"]
     names = list(dict.fromkeys(r["row"] for r in rows))
     for name in names:
         mine = {r["seed"]: r for r in rows if r["row"] == name}
-        if not all(s in mine for s in seeds):
-            continue
         cells, closed = [], []
         for s in seeds:
+            if s not in mine:
+                cells.append("—")
+                continue
             r, lo, hi = mine[s], ends[("improved_random_init", s)], ends[("improved_maml_real", s)]
             g = gap_closed(r["acc"], lo["acc"], hi["acc"])
             closed.append(g)
             q = ("—" if "--baseline" in r["flags"] else
                  f"{thousands(r['api_queries'])} ({thousands(faithful[s]['api_queries'])})")
             cells.append(f"{acc(r)}, {100 * g:.1f}%, {q}")
-        flags = f"`{mine[seeds[0]]['flags']}`"
-        lines.append(f"| {name} | {flags} | " + " | ".join(cells) + f" | {100 * sum(closed) / len(closed):.1f}% |")
+        flags = f"`{next(iter(mine.values()))['flags']}`"
+        mean = f"{100 * sum(closed) / len(closed):.1f}% ({len(closed)} seeds)" if closed else "—"
+        lines.append(f"| {name} | {flags} | " + " | ".join(cells) + f" | {mean} |")
     return "\n".join(lines)
 
 
@@ -333,9 +335,11 @@ def improved_gap_summary(R: dict) -> str:
                    and ("improved_maml_real", s) in by)
     g = {s: gap_closed(by[("improved", s)]["acc"], by[("improved_random_init", s)]["acc"],
                        by[("improved_maml_real", s)]["acc"]) for s in seeds}
-    per = " and ".join(f"{100 * g[s]:.1f}% (seed {s})" for s in seeds)
-    q = " and ".join(thousands(by[("improved", s)]["api_queries"]) for s in seeds)
-    qf = " and ".join(thousands(by[("faithful", s)]["api_queries"]) for s in seeds)
+    def listed(items: list[str]) -> str:
+        return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+    per = listed([f"{100 * g[s]:.1f}% (seed {s})" for s in seeds])
+    q = listed([thousands(by[("improved", s)]["api_queries"]) for s in seeds])
+    qf = listed([thousands(by[("faithful", s)]["api_queries"]) for s in seeds])
     return (f"{per}, {100 * sum(g.values()) / len(g):.1f}% on average, on {q} queries against the faithful "
             f"runs' {qf}")
 
