@@ -75,6 +75,7 @@ ROWS = {
     # meta-batch does not improve: at most 100 visits in a 400-task demo run, 510,000 queries
     "improved_screen_frequent": (["--recipe", "improved", "--recovery", "screen", "--screen_candidates", "50",
                                   "--generate_interval", "1"], "faithful"),
+    "improved_kl": (["--recipe", "improved", "--kd_loss", "kl"], "faithful"),
     # the improved recipe's own ends of the gap: its untrained meta model, and MAML on the real meta-train images
     "improved_random_init": (["--recipe", "improved", "--baseline", "random_init"], "faithful"),
     "improved_maml_real": (["--recipe", "improved", "--baseline", "maml_real"], "faithful"),
