@@ -127,12 +127,12 @@ class Config:
                                          "(instead of --generate_iterations)")
     meta_generator_lr: float = _pool(1.0, "with --meta_generator: Reptile step size ε, φ <- φ + ε(φ' - φ), "
                                           "in (0, 1]", above=0, high=1)
-    recovery: str = _pool("invert", "how a visit recovers its sets: invert (a generator trained on zero-order gradient "
-                                    "estimates, as the original) | screen (the candidates of a procedural image prior the "
-                                    "API rates highest, one query each; docs/differences.md B22)",
+    recovery: str = _pool("invert", "how a visit recovers its sets: invert (a generator trained on zero-order "
+                                    "gradient estimates, as the original) | screen (the candidates of a procedural "
+                                    "image prior the API rates highest, one query each; docs/differences.md B22)",
                           choices=("invert", "screen"), entry=S)
-    screen_candidates: int = _pool(0, "with --recovery screen: candidates queried per recovered image (0: as many as an "
-                                      "inversion spends, (q + 1) x generate_iterations)", low=0, entry=S)
+    screen_candidates: int = _pool(0, "with --recovery screen: candidates queried per recovered image (0: as many "
+                                      "as an inversion spends, (q + 1) x generate_iterations)", low=0, entry=S)
     screen_memory: int = _pool(0, "with --recovery screen: the next-best candidates of each class, this many, also "
                                   "enter the task memory from the support set's screening (already answered: no "
                                   "query; 0: the sets alone, as an inversion visit)", low=0)

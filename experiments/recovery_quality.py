@@ -41,7 +41,8 @@ def main(argv=None) -> dict:
     apis, seeds = ints(a.apis), ints(a.seeds)
     if not apis or not seeds or min(apis) < 0 or a.per_class < 1:
         p.error("--apis and --seeds need at least one value each, the APIs' indices at least 0, --per_class at least 1")
-    command = "python -m experiments.recovery_quality" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    args = argv if argv is not None else sys.argv[1:]
+    command = ("python -m experiments.recovery_quality " + " ".join(args)).rstrip()
 
     import torch
     from dataclasses import replace
@@ -89,7 +90,8 @@ def main(argv=None) -> dict:
                      "seconds": round(sum(r["seconds"] for r in mine) / len(mine), 2)})
     # one row per class: the inversion's images, then the screening's
     way = len(shown["invert"]) // a.per_class
-    grid = torch.cat([torch.cat([shown[m][c * a.per_class:(c + 1) * a.per_class] for m in METHODS]) for c in range(way)])
+    rows_of = lambda m, c: shown[m][c * a.per_class:(c + 1) * a.per_class]    # noqa: E731
+    grid = torch.cat([torch.cat([rows_of(m, c) for m in METHODS]) for c in range(way)])
     save_grid(grid, a.figure, 2 * a.per_class)
     out = {"about": "recovery quality at equal queries on the demo pool: generator inversion against screening",
            "date": time.strftime("%Y-%m-%d"), "processor": processor(), "threads": a.threads,

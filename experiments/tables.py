@@ -304,7 +304,8 @@ def improved_gap(R: dict) -> str:
     ends = {(r["row"], r["seed"]): r for r in rows if "--baseline" in r["flags"]}
     faithful = {r["seed"]: r for r in A["rows"] if r["row"] == "faithful"}
     seeds = sorted({s for _, s in ends if ("improved_random_init", s) in ends and ("improved_maml_real", s) in ends})
-    lines = ["| row | main.py flags | " + " | ".join(f"seed {s}: 1-shot, gap closed, queries (faithful's)" for s in seeds)
+    head = " | ".join(f"seed {s}: 1-shot, gap closed, queries (faithful's)" for s in seeds)
+    lines = ["| row | main.py flags | " + head
              + " | mean gap closed (over the seeds run) |", "|---|---|" + "---|" * len(seeds) + "---|"]
     names = list(dict.fromkeys(r["row"] for r in rows))
     for name in names:

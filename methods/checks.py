@@ -59,8 +59,8 @@ def check(cfg: Config) -> None:
     per_image = screen_candidates(cfg)
     if cfg.recovery == "screen" and per_image * cfg.num_sup_kd < cfg.num_sup_kd + cfg.screen_memory:
         raise FlagError(f"--screen_memory {cfg.screen_memory} asks more of each class than its support set's "
-                        f"{per_image * cfg.num_sup_kd} candidates can give beside its {cfg.num_sup_kd} images; lower it "
-                        "or raise --screen_candidates")
+                        f"{per_image * cfg.num_sup_kd} candidates can give beside its {cfg.num_sup_kd} images; "
+                        "lower it or raise --screen_candidates")
     if cfg.recovery == "screen" and cfg.meta_generator:
         raise FlagError("--recovery screen trains no generator, so --meta_generator has nothing to start; drop one")
     if cfg.meta_generator and Dist.from_env().world > 1:

@@ -34,8 +34,8 @@ def _extra(p: argparse.ArgumentParser) -> None:
 
 
 PARSER = dict(prog="python -m synthesis", names=FLAGS, aliases={"query_budget": ("--budget",)}, extra=_extra,
-              description="Recover images from one API of a pretrained pool by generator inversion (or, with --recovery "
-                          "screen, by screening a procedural prior); save them as a grid.")
+              description="Recover images from one API of a pretrained pool by generator inversion (or, with "
+                          "--recovery screen, by screening a procedural prior); save them as a grid.")
 
 
 def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
@@ -75,8 +75,9 @@ def main(argv=None) -> dict:
     acc = 100.0 * (pred == labels).float().mean().item()
     save_grid(images, a.out, a.num_per_class)
     out = {"target_acc": round(acc, 2), "api_queries": queries, "seconds": round(seconds, 2)}
-    print(f"saved {os.path.abspath(a.out)}: {api.way} classes {api.classes} x {a.num_per_class} images "
-          f"({'black-box ZO' if cfg.ZO else 'white-box'})", file=sys.stderr)
+    how = "screened" if cfg.recovery == "screen" else "black-box ZO" if cfg.ZO else "white-box"
+    print(f"saved {os.path.abspath(a.out)}: {api.way} classes {api.classes} x {a.num_per_class} images ({how})",
+          file=sys.stderr)
     print(json.dumps(out))
     return out
 

@@ -15,8 +15,9 @@ takes (q + 1) x generate_iterations, the inversion's count. No gradient is estim
 
 The prior is the dead-leaves model of natural images: a random background colour, then occluding discs and
 squares of random colours, dropped one over the other, their radii of density ∝ 1/r² (small leaves far
-more common than large ones, as the objects of natural images). It carries no shape, texture or class of any dataset; a meta model trained on
-what the API picks out of it sees colour regions, edges and occlusion instead of the inversion's patterns.
+more common than large ones, as the objects of natural images). It carries no shape, texture or class
+of any dataset; a meta model trained on what the API picks out of it sees colour regions, edges and
+occlusion instead of the inversion's patterns.
 """
 from __future__ import annotations
 
