@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from core.config import Config, screen_candidates
-from dataset.augment import resize
+from dataset.augment import normalize, resize
 
 from .recover import per_image_loss
 
@@ -54,13 +54,12 @@ def dead_leaves(n: int, size: int, channels: int = 3, generator: torch.Generator
 
 def screen(api, per_class: int, cfg: Config, *, student=None, adv: float = 0.0,
            generator: torch.Generator | None = None, image_size: int | None = None,
-           stats: dict | None = None, spare: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           spare: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`per_class` images for each of the API's classes, screened from dead-leaves candidates.
 
     The same contract as synthesis.recover.recover: (images [way*per_class, C, S, S] in [0, 1], relative labels
     grouped by class). student: images in [0, 1] -> logits (the fixed adapted meta model), used when adv > 0;
     it sees the candidates `way * per_class` at a time (its batch statistics then match a recovered set's).
-    stats: filled with {"best_loss": the mean loss of the kept images}.
     spare: {"per_class": k} asks for the k next-best distinct candidates of each class besides; filled with
     {"images", "labels"} (grouped by class), at no extra query."""
     spec, way = api.spec, len(api.classes)
@@ -73,8 +72,6 @@ def screen(api, per_class: int, cfg: Config, *, student=None, adv: float = 0.0,
     if total < keep:
         raise ValueError(f"screening {total} candidates cannot give {way} classes {per_class} + {extra} distinct "
                          "images each; raise --screen_candidates or lower --screen_memory")
-    mean = torch.as_tensor(spec.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    std = torch.as_tensor(spec.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     logits_out = getattr(api, "output", "probs") == "logits"
     use_student = student is not None and adv > 0
     # Per class, the `keep` best candidates so far, with their indices.
@@ -87,7 +84,7 @@ def screen(api, per_class: int, cfg: Config, *, student=None, adv: float = 0.0,
             m = min(chunk, total - start)
             x = dead_leaves(m, size, spec.channels, generator, device)
             x_api = x if size == spec.image_size else resize(x, spec.image_size)
-            scores = api((x_api - mean) / std)
+            scores = api(normalize(x_api, spec.mean, spec.std))
             s_logits = torch.cat([student(c) for c in x_api.split(n)]) if use_student else None
             # loss[c, i]: candidate i's loss as an image of class c
             loss = torch.stack([per_image_loss(scores, torch.full((m,), c, device=device), s_logits, adv, "l1",
@@ -99,20 +96,15 @@ def screen(api, per_class: int, cfg: Config, *, student=None, adv: float = 0.0,
             best_loss, best_idx = loss.gather(1, top), idx.gather(1, top)
     # Classes choose in turn; a candidate an earlier class kept is not offered again (the spares choose after
     # every class has its set).
-    taken, images, kept_loss, spares = set(), [], [], []
+    taken, images, spares, ranked = set(), [], [], best_idx.tolist()
     for count, out in ((per_class, images), (extra, spares)):
         for c in range(way):
-            chosen = [j for j in range(best_idx.shape[1]) if best_idx[c, j].item() not in taken][:count]
-            taken.update(best_idx[c, chosen].tolist())
+            chosen = [j for j, i in enumerate(ranked[c]) if i not in taken][:count]
+            taken.update(ranked[c][j] for j in chosen)
             out.append(best_x[c, chosen])
-            if out is images:
-                kept_loss.append(best_loss[c, chosen])
     if spare is not None:
         spare["images"] = torch.cat(spares).contiguous()
         spare["labels"] = torch.arange(way, device=device).repeat_interleave(extra)
-    if stats is not None:
-        stats["best_loss"] = torch.cat(kept_loss).mean().item()
-        stats["final_loss"] = stats["best_loss"]
     target = torch.arange(way, device=device).repeat_interleave(per_class)
     return torch.cat(images).contiguous(), target
 
