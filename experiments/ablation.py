@@ -81,6 +81,16 @@ ROWS = {
     "improved_maml_real": (["--recipe", "improved", "--baseline", "maml_real"], "faithful"),
     # and what the screening already answered, kept: three times the sets' images per class and visit
     "screen_memory": (["--recovery", "screen", "--screen_memory", "60"], "faithful"),
+    # screening a textured prior: leaves of stripes and checkerboards with pixel noise
+    "screen_textured": (["--recovery", "screen", "--screen_prior", "textured"], "faithful"),
+    "improved_textured": (["--recipe", "improved", "--screen_prior", "textured"], "faithful"),
+    "screen_textured_spread": (["--recovery", "screen", "--screen_prior", "textured", "--screen_spread", "5"],
+                               "faithful"),
+    "screen_textured_kl": (["--recovery", "screen", "--screen_prior", "textured", "--kd_loss", "kl"], "faithful"),
+    "screen_textured_kl_replay_augment": (["--recovery", "screen", "--screen_prior", "textured", "--kd_loss", "kl",
+                                           "--replay_augment"], "faithful"),
+    "screen_textured_kl_probs": (["--recovery", "screen", "--screen_prior", "textured", "--kd_loss", "kl",
+                                  "--api_output", "probs"], "faithful"),
     "before_faithful_switches": (["--kd_loss", "kl", "--keep_best", "image", "--api_output", "probs",
                                   "--memory_quantize", "round"], "faithful"),
 }

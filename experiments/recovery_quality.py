@@ -1,18 +1,19 @@
-"""Recovery quality at equal queries: generator inversion (the original) against screening (--recovery screen).
+"""Recovery quality at equal queries: generator inversion (the original) against screening (--recovery screen),
+with either prior (--screen_prior leaves|textured).
 
     python -m experiments.recovery_quality             # the demo pool's 8 APIs, 8 images per class, seed 0
     python -m experiments.recovery_quality --pool PREFIX --apis 0,1 --per_class 8 --seeds 0,1
 
-Each API of the demo pool gives `per_class` images per class twice, as `python -m synthesis` would, with the
-demo preset's settings (q 20, 40 steps: 841 queries per image): once by inversion (synthesis.recover), once
-by screening (synthesis.screen) with the same queries. Reported per method, over APIs and seeds:
+Each API of the demo pool gives `per_class` images per class three times, as `python -m synthesis` would, with
+the demo preset's settings (q 20, 40 steps: 841 queries per image): once by inversion (synthesis.recover), then
+by screening (synthesis.screen) each prior with the same queries. Reported per method, over APIs and seeds:
   target_acc   the share of the images the API assigns to their target class (its argmax), in %
   confidence   the API's mean probability of the target class
-  queries      the queries of one recovery (the same for both, by construction)
+  queries      the queries of one recovery (the same for all three, by construction)
   seconds      wall time of one recovery
 The API's answers for these two figures are extra queries of the measurement, not of the methods.
 Writes --out (results/recovery_quality.json) and --figure (the first API's images, inversion beside
-screening, one row per class).
+the two screenings, one row per class).
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ sys.path.insert(0, ROOT)
 from experiments.ablation import processor  # noqa: E402
 from experiments.fidelity import _commit, ints, pool_arguments  # noqa: E402
 
-METHODS = ("invert", "screen")
+# method -> the flags it runs with
+METHODS = {"invert": {"recovery": "invert"}, "screen": {"recovery": "screen"},
+           "screen_textured": {"recovery": "screen", "screen_prior": "textured"}}
 
 
 def main(argv=None) -> dict:
@@ -68,8 +71,9 @@ def main(argv=None) -> dict:
                 torch.manual_seed(s)
                 gen = torch.Generator().manual_seed(s)
                 before, t = api.queries, time.time()
-                run = screen if method == "screen" else recover
-                x, y = run(api, a.per_class, replace(cfg, recovery=method), generator=gen)
+                flags = METHODS[method]
+                run = screen if flags["recovery"] == "screen" else recover
+                x, y = run(api, a.per_class, replace(cfg, **flags), generator=gen)
                 seconds, queries = time.time() - t, api.queries - before
                 with torch.no_grad():
                     pr = probabilities(api, api(normalize(x, api.spec.mean, api.spec.std)))
@@ -88,12 +92,13 @@ def main(argv=None) -> dict:
                      "target_acc_min": min(r["target_acc"] for r in mine),
                      "confidence": round(sum(r["confidence"] for r in mine) / len(mine), 4),
                      "seconds": round(sum(r["seconds"] for r in mine) / len(mine), 2)})
-    # one row per class: the inversion's images, then the screening's
+    # one row per class: the inversion's images, then each screening's
     way = len(shown["invert"]) // a.per_class
     rows_of = lambda m, c: shown[m][c * a.per_class:(c + 1) * a.per_class]    # noqa: E731
     grid = torch.cat([torch.cat([rows_of(m, c) for m in METHODS]) for c in range(way)])
-    save_grid(grid, a.figure, 2 * a.per_class)
-    out = {"about": "recovery quality at equal queries on the demo pool: generator inversion against screening",
+    save_grid(grid, a.figure, len(METHODS) * a.per_class)
+    out = {"about": "recovery quality at equal queries on the demo pool: generator inversion against screening "
+                      "(each prior)",
            "date": time.strftime("%Y-%m-%d"), "processor": processor(), "threads": a.threads,
            "torch": torch.__version__, "command": command, "commit": _commit(), "per_class": a.per_class,
            "apis": apis, "seeds": seeds, "rows": rows, "runs": runs, "figure": a.figure}

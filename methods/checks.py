@@ -56,11 +56,20 @@ def check(cfg: Config) -> None:
                         "with these flags); raise it or lower --generate_iterations/--q")
     if cfg.recovery != "screen" and cfg.screen_memory:     # (--screen_candidates may come from a recipe)
         raise FlagError("--screen_memory hands the memory more screened images: add --recovery screen, or drop it")
+    if cfg.recovery != "screen" and cfg.screen_prior != "leaves":
+        raise FlagError(f"--screen_prior {cfg.screen_prior} is the prior screening draws from: add --recovery screen, "
+                        "or drop it")
     per_image = screen_candidates(cfg)
-    if cfg.recovery == "screen" and per_image * cfg.num_sup_kd < cfg.num_sup_kd + cfg.screen_memory:
+    if cfg.recovery != "screen" and cfg.screen_spread > 1:
+        raise FlagError("--screen_spread draws screened images at random: add --recovery screen, or drop it")
+    if cfg.recovery == "screen" and per_image < cfg.screen_spread:
+        raise FlagError(f"--screen_spread {cfg.screen_spread} draws from more candidates than the {per_image} screened "
+                        "per image; lower it or raise --screen_candidates")
+    if cfg.recovery == "screen" and per_image * cfg.num_sup_kd < cfg.num_sup_kd * cfg.screen_spread + cfg.screen_memory:
         raise FlagError(f"--screen_memory {cfg.screen_memory} asks more of each class than its support set's "
-                        f"{per_image * cfg.num_sup_kd} candidates can give beside its {cfg.num_sup_kd} images; "
-                        "lower it or raise --screen_candidates")
+                        f"{per_image * cfg.num_sup_kd} candidates can give beside the "
+                        f"{cfg.num_sup_kd * cfg.screen_spread} its images are drawn from; lower it or raise "
+                        "--screen_candidates")
     if cfg.recovery == "screen" and cfg.meta_generator:
         raise FlagError("--recovery screen trains no generator, so --meta_generator has nothing to start; drop one")
     if cfg.meta_generator and Dist.from_env().world > 1:

@@ -30,17 +30,23 @@ from .recover import per_image_loss
 
 LEAVES = 16                 # discs and squares dropped per image (each present with probability 1/2)
 RADIUS = (0.03, 0.5)        # radii as fractions of the image side
+NOISE = 0.15                # --screen_prior textured: pixel noise, σ uniform on [0, NOISE]
 CHUNK = 1000                # candidates rendered and queried at once (memory: CHUNK x C x S x S floats)
 
 
 def dead_leaves(n: int, size: int, channels: int = 3, generator: torch.Generator | None = None,
-                device="cpu") -> torch.Tensor:
-    """n dead-leaves images [n, channels, size, size] in [0, 1]; every draw from `generator`."""
+                device="cpu", textured: bool = False) -> torch.Tensor:
+    """n dead-leaves images [n, channels, size, size] in [0, 1]; every draw from `generator`.
+
+    textured (--screen_prior textured): the background and every leaf are filled with a two-colour texture
+    (flat, stripes or a checkerboard, at a random frequency and angle) instead of one colour, and the image
+    gets pixel noise of a random strength: the textured dead-leaves of natural-image models."""
     def rand(*shape):
         return torch.rand(*shape, generator=generator, device=device)
     axis = torch.linspace(0, 1, size, device=device)
     yy, xx = axis[:, None], axis[None, :]
-    img = rand(n, channels, 1, 1).expand(n, channels, size, size).clone()
+    fill = (lambda: texture(rand, n, channels, xx, yy)) if textured else (lambda: rand(n, channels, 1, 1))
+    img = fill().expand(n, channels, size, size).clone()
     lo, hi = RADIUS
     for _ in range(LEAVES):
         present, cx, cy, u, square = rand(n, 1, 1) < 0.5, rand(n, 1, 1), rand(n, 1, 1), rand(n, 1, 1), rand(n, 1, 1)
@@ -48,8 +54,25 @@ def dead_leaves(n: int, size: int, channels: int = 3, generator: torch.Generator
         dist = torch.where(square < 0.5, torch.maximum((xx - cx).abs(), (yy - cy).abs()),
                            ((xx - cx) ** 2 + (yy - cy) ** 2).sqrt())
         leaf = ((dist < r) & present).unsqueeze(1)
-        img = torch.where(leaf, rand(n, channels, 1, 1), img)
+        img = torch.where(leaf, fill(), img)
+    if textured:
+        img = (img + NOISE * rand(n, 1, 1, 1) * torch.randn(img.shape, generator=generator, device=device)).clamp(0, 1)
     return img
+
+
+def texture(rand, n: int, channels: int, xx: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
+    """n two-colour textures [n, channels, S, S]: a third flat, a third stripes, a third checkerboards,
+    2 to 8 cycles across the image at a random angle and phase (xx, yy: the pixel grid in [0, 1])."""
+    a, b = rand(n, channels, 1, 1), rand(n, channels, 1, 1)
+    kind, freq, angle, p1, p2 = (rand(n, 1, 1) for _ in range(5))
+    freq = 2.0 * 4.0 ** freq                                   # log-uniform on [2, 8]
+    angle = angle * torch.pi
+    u = (xx * angle.cos() + yy * angle.sin()) * freq * 2 * torch.pi
+    v = (yy * angle.cos() - xx * angle.sin()) * freq * 2 * torch.pi
+    stripes = (u + p1 * 2 * torch.pi).sin()
+    checker = stripes * (v + p2 * 2 * torch.pi).sin()
+    wave = torch.where(kind < 1 / 3, torch.ones_like(stripes), torch.where(kind < 2 / 3, stripes, checker))
+    return torch.where((wave > 0).unsqueeze(1), a, b)
 
 
 def screen(api, per_class: int, cfg: Config, *, student=None, adv: float = 0.0,
@@ -67,11 +90,12 @@ def screen(api, per_class: int, cfg: Config, *, student=None, adv: float = 0.0,
     size = image_size or spec.image_size
     n = way * per_class
     extra = spare["per_class"] if spare is not None else 0
-    keep = way * (per_class + extra)    # per class: enough that the disjoint choice below never runs dry
+    spread = cfg.screen_spread
+    keep = way * (per_class * spread + extra)   # per class: enough that the disjoint choice below never runs dry
     total = screen_candidates(cfg) * n
     if total < keep:
-        raise ValueError(f"screening {total} candidates cannot give {way} classes {per_class} + {extra} distinct "
-                         "images each; raise --screen_candidates or lower --screen_memory")
+        raise ValueError(f"screening {total} candidates cannot give {way} classes {per_class} x {spread} + {extra} "
+                         "distinct images each; raise --screen_candidates or lower --screen_spread/--screen_memory")
     logits_out = getattr(api, "output", "probs") == "logits"
     use_student = student is not None and adv > 0
     # Per class, the `keep` best candidates so far, with their indices.
@@ -82,7 +106,7 @@ def screen(api, per_class: int, cfg: Config, *, student=None, adv: float = 0.0,
     with torch.no_grad():
         for start in range(0, total, chunk):
             m = min(chunk, total - start)
-            x = dead_leaves(m, size, spec.channels, generator, device)
+            x = dead_leaves(m, size, spec.channels, generator, device, textured=cfg.screen_prior == "textured")
             x_api = x if size == spec.image_size else resize(x, spec.image_size)
             scores = api(normalize(x_api, spec.mean, spec.std))
             s_logits = torch.cat([student(c) for c in x_api.split(n)]) if use_student else None
@@ -95,11 +119,15 @@ def screen(api, per_class: int, cfg: Config, *, student=None, adv: float = 0.0,
             best_x = torch.stack([torch.cat([best_x[c], x])[top[c]] for c in range(way)])
             best_loss, best_idx = loss.gather(1, top), idx.gather(1, top)
     # Classes choose in turn; a candidate an earlier class kept is not offered again (the spares choose after
-    # every class has its set).
+    # every class has its set). With --screen_spread k a set is drawn at random from the k x per_class best.
     taken, images, spares, ranked = set(), [], [], best_idx.tolist()
-    for count, out in ((per_class, images), (extra, spares)):
+    for count, pool, out in ((per_class, per_class * spread, images), (extra, extra, spares)):
         for c in range(way):
-            chosen = [j for j, i in enumerate(ranked[c]) if i not in taken][:count]
+            chosen = [j for j, i in enumerate(ranked[c]) if i not in taken][:pool]
+            if pool > count:
+                pick = torch.randperm(len(chosen), generator=generator, device=generator.device if generator
+                                      is not None else "cpu")[:count]
+                chosen = [chosen[k] for k in sorted(pick.tolist())]
             taken.update(ranked[c][j] for j in chosen)
             out.append(best_x[c, chosen])
     if spare is not None:

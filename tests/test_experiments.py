@@ -60,7 +60,7 @@ def _random_pool(prefix) -> None:
 
 
 @pytest.mark.slow       # about 10 s: a subprocess that imports torch, then a recovery each way
-def test_recovery_quality_compares_both_recoveries_at_equal_queries(tmp_path):
+def test_recovery_quality_compares_the_recoveries_at_equal_queries(tmp_path):
     """experiments.recovery_quality on one untrained API: a row per method at the same queries per recovery
     (the demo preset's 841 per image), shares and probabilities in range, the picture, the provenance."""
     _random_pool(tmp_path / "pool")
@@ -68,7 +68,7 @@ def test_recovery_quality_compares_both_recoveries_at_equal_queries(tmp_path):
     run_cli(["-m", "experiments.recovery_quality", "--pool", str(tmp_path / "pool"), "--apis", "0", "--per_class",
              "1", "--out", str(out), "--figure", str(fig)], env_extra={"OMP_NUM_THREADS": "1"})
     r = json.loads(out.read_text())
-    assert [row["method"] for row in r["rows"]] == ["invert", "screen"]
+    assert [row["method"] for row in r["rows"]] == ["invert", "screen", "screen_textured"]
     assert {row["queries"] for row in r["rows"]} == {5 * 1 * (21 * 40)}
     assert all(0 <= row["target_acc"] <= 100 and 0 < row["confidence"] <= 1 for row in r["rows"])
     assert fig.exists() and {"date", "processor", "torch", "command", "commit"} <= set(r)

@@ -32,8 +32,28 @@ def test_dead_leaves_are_images_drawn_from_the_generator_alone():
     assert a.flatten(1).std(0).mean() > 0.1
 
 
-def _screen(api, per_class=3, candidates=40, **kw):
-    cfg = Config(ZO=True, q=4, generate_iterations=2, recovery="screen", screen_candidates=candidates)
+def test_the_textured_prior_adds_texture_and_noise_and_leaves_the_plain_prior_as_it_was():
+    plain = dead_leaves(64, 16, 3, gen(0), gen(0).device)
+    again = dead_leaves(64, 16, 3, gen(0), gen(0).device, textured=False)
+    tex = dead_leaves(64, 16, 3, gen(0), gen(0).device, textured=True)
+    assert torch.equal(plain, again)                               # the default draws are unchanged
+    assert tex.shape == plain.shape and 0 <= tex.min() and tex.max() <= 1
+    assert torch.equal(tex, dead_leaves(64, 16, 3, gen(0), gen(0).device, textured=True))
+    # stripes, checkerboards and noise: neighbouring pixels differ far more often than in flat leaves
+    def edges(x):
+        return ((x[..., 1:] - x[..., :-1]).abs() > 0.05).float().mean()
+    assert edges(tex) > 3 * edges(plain)
+
+
+def test_the_textured_prior_is_refused_without_screening():
+    with pytest.raises(FlagError, match="--screen_prior textured"):
+        check(Config(dataset="demo", screen_prior="textured"))
+    check(Config(dataset="demo", recovery="screen", screen_prior="textured"))
+
+
+def _screen(api, per_class=3, candidates=40, spread=1, **kw):
+    cfg = Config(ZO=True, q=4, generate_iterations=2, recovery="screen", screen_candidates=candidates,
+                 screen_spread=spread)
     return screen(api, per_class, cfg, generator=gen(0), **kw)
 
 
@@ -88,6 +108,25 @@ def test_a_screening_visit_costs_exactly_visit_cost_and_trains_no_generator():
     assert out.recovery_steps == 0 and out.support[0].shape == (10, 3, 32, 32)
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_spread_draws_each_set_at_random_among_the_best_candidates():
+    kept, _ = _screen(FakeAPI(way=3, size=8), per_class=2, candidates=60)
+    wide, _ = _screen(FakeAPI(way=3, size=8), per_class=2, candidates=60, spread=5)
+    again, _ = _screen(FakeAPI(way=3, size=8), per_class=2, candidates=60, spread=5)
+    best10, _ = _screen(FakeAPI(way=3, size=8), per_class=10, candidates=12)
+    assert torch.equal(wide, again) and not torch.equal(wide, kept)
+    assert len({tuple(v.tolist()) for v in wide.flatten(1)}) == len(wide)
+    # every drawn image is among its class's ten best (the same candidates: the draws come first)
+    pool = {c: {tuple(v.tolist()) for v in best10[10 * c:10 * (c + 1)].flatten(1)} for c in range(3)}
+    assert all(tuple(v.tolist()) in pool[i // 2] for i, v in enumerate(wide.flatten(1)))
+
+
+def test_spread_is_refused_without_screening_or_beyond_the_candidates():
+    with pytest.raises(FlagError, match="--screen_spread draws"):
+        check(Config(dataset="demo", screen_spread=3))
+    with pytest.raises(FlagError, match="--screen_spread 30"):
+        check(Config(dataset="demo", recovery="screen", screen_candidates=20, screen_spread=30))
 
 
 def test_screening_with_a_meta_generator_is_refused():
