@@ -135,7 +135,8 @@ class Config:
                                       "as an inversion spends, (q + 1) x generate_iterations)", low=0, entry=S)
     screen_prior: str = _pool("leaves", "with --recovery screen: the candidates' prior: leaves (flat-coloured dead "
                                         "leaves) | textured (leaves of stripes and checkerboards, with pixel noise; "
-                                        "docs/differences.md B24)", choices=("leaves", "textured"), entry=S)
+                                        "docs/differences.md B24; inversion ignores it)",
+                              choices=("leaves", "textured"), entry=S)
     screen_spread: int = _pool(1, "with --recovery screen: each class draws its images at random from its "
                                   "screen_spread x images best candidates (1: the best, as B22; B25)", low=1, entry=S)
     screen_memory: int = _pool(0, "with --recovery screen: the next-best candidates of each class, this many, also "

@@ -83,7 +83,6 @@ ROWS = {
     "screen_memory": (["--recovery", "screen", "--screen_memory", "60"], "faithful"),
     # screening a textured prior: leaves of stripes and checkerboards with pixel noise
     "screen_textured": (["--recovery", "screen", "--screen_prior", "textured"], "faithful"),
-    "improved_textured": (["--recipe", "improved", "--screen_prior", "textured"], "faithful"),
     "screen_textured_spread": (["--recovery", "screen", "--screen_prior", "textured", "--screen_spread", "5"],
                                "faithful"),
     "screen_textured_kl": (["--recovery", "screen", "--screen_prior", "textured", "--kd_loss", "kl"], "faithful"),
@@ -91,6 +90,12 @@ ROWS = {
                                            "--replay_augment"], "faithful"),
     "screen_textured_kl_probs": (["--recovery", "screen", "--screen_prior", "textured", "--kd_loss", "kl",
                                   "--api_output", "probs"], "faithful"),
+    # --recipe improved before it took the textured prior
+    "improved_leaves": (["--init", "torch", "--keep_best", "image", "--api_output", "probs", "--recovery", "screen",
+                         "--screen_candidates", "210"], "faithful"),
+    # the faithful default's own ends of the random-to-real gap (the original's initialisation)
+    "faithful_random_init": (["--baseline", "random_init"], "faithful"),
+    "faithful_maml_real": (["--baseline", "maml_real"], "faithful"),
     "before_faithful_switches": (["--kd_loss", "kl", "--keep_best", "image", "--api_output", "probs",
                                   "--memory_quantize", "round"], "faithful"),
 }

@@ -299,11 +299,24 @@ def ablation_additions_means(R: dict) -> str:
 def improved_gap(R: dict) -> str:
     """The improved recipe's rows on its own random-to-real gap, per seed and as a mean over seeds, with
     their queries against the faithful row's of the same seed (results/ablation_additions.json)."""
-    A = R["ablation_additions"]
-    rows = [r for r in A["rows"] if r["row"].startswith("improved")]
+    return _gap_table(R["ablation_additions"], lambda name: name.startswith("improved"), "improved")
+
+
+def faithful_gap(R: dict) -> str:
+    """The faithful default and the screening rows on the original's initialisation, on that initialisation's
+    random-to-real gap (the faithful_random_init and faithful_maml_real rows)."""
+    return _gap_table(R["ablation_additions"], lambda name: name.startswith(("faithful", "screen")), "faithful")
+
+
+def _gap_table(A: dict, family, prefix: str) -> str:
+    """Rows whose name `family` accepts, on the gap between rows <prefix>_random_init and <prefix>_maml_real of
+    each seed: per seed the 1-shot accuracy, the share of the gap closed and the queries (the faithful row's),
+    and the mean share over the seeds the row ran."""
+    rows = [r for r in A["rows"] if family(r["row"])]
+    low, high = f"{prefix}_random_init", f"{prefix}_maml_real"
     ends = {(r["row"], r["seed"]): r for r in rows if "--baseline" in r["flags"]}
     faithful = {r["seed"]: r for r in A["rows"] if r["row"] == "faithful"}
-    seeds = sorted({s for _, s in ends if ("improved_random_init", s) in ends and ("improved_maml_real", s) in ends})
+    seeds = sorted({s for _, s in ends if (low, s) in ends and (high, s) in ends})
     head = " | ".join(f"seed {s}: 1-shot, gap closed, queries (faithful's)" for s in seeds)
     lines = ["| row | main.py flags | " + head
              + " | mean gap closed (over the seeds run) |", "|---|---|" + "---|" * len(seeds) + "---|"]
@@ -315,14 +328,16 @@ def improved_gap(R: dict) -> str:
             if s not in mine:
                 cells.append("—")
                 continue
-            r, lo, hi = mine[s], ends[("improved_random_init", s)], ends[("improved_maml_real", s)]
+            r, lo, hi = mine[s], ends[(low, s)], ends[(high, s)]
             g = gap_closed(r["acc"], lo["acc"], hi["acc"])
             closed.append(g)
-            q = ("—" if "--baseline" in r["flags"] else
-                 f"{thousands(r['api_queries'])} ({thousands(faithful[s]['api_queries'])})")
+            q = ("—" if "--baseline" in r["flags"] else thousands(r["api_queries"])
+                 + (f" ({thousands(faithful[s]['api_queries'])})" if s in faithful else ""))
             cells.append(f"{acc(r)}, {100 * g:.1f}%, {q}")
-        flags = f"`{next(iter(mine.values()))['flags']}`"
-        mean = f"{100 * sum(closed) / len(closed):.1f}% ({len(closed)} seeds)" if closed else "—"
+        if not closed:
+            continue
+        flags = f"`{next(iter(mine.values()))['flags']}`" if next(iter(mine.values()))["flags"] else "(defaults)"
+        mean = f"{100 * sum(closed) / len(closed):.1f}% ({len(closed)} seeds)"
         lines.append(f"| {name} | {flags} | " + " | ".join(cells) + f" | {mean} |")
     return "\n".join(lines)
 
@@ -757,6 +772,7 @@ GENERATORS = {
     "ablation-additions-means": ("ablation_additions", ablation_additions_means),
     "improved-gap": ("ablation_additions", improved_gap),
     "improved-gap-summary": ("ablation_additions", improved_gap_summary),
+    "faithful-gap": ("ablation_additions", faithful_gap),
     "fidelity": ("fidelity", fidelity),
     "fidelity-lowres": ("fidelity", fidelity_lowres),
     "recovery-quality": ("recovery_quality", recovery_quality),

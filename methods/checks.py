@@ -54,11 +54,9 @@ def check(cfg: Config) -> None:
     if cfg.query_budget is not None and cfg.query_budget < visit_cost(cfg):
         raise FlagError(f"--query_budget {cfg.query_budget} does not cover one API visit (~{visit_cost(cfg)} queries "
                         "with these flags); raise it or lower --generate_iterations/--q")
-    if cfg.recovery != "screen" and cfg.screen_memory:     # (--screen_candidates may come from a recipe)
+    # (--screen_candidates and --screen_prior may come from a recipe: inversion ignores them)
+    if cfg.recovery != "screen" and cfg.screen_memory:
         raise FlagError("--screen_memory hands the memory more screened images: add --recovery screen, or drop it")
-    if cfg.recovery != "screen" and cfg.screen_prior != "leaves":
-        raise FlagError(f"--screen_prior {cfg.screen_prior} is the prior screening draws from: add --recovery screen, "
-                        "or drop it")
     per_image = screen_candidates(cfg)
     if cfg.recovery != "screen" and cfg.screen_spread > 1:
         raise FlagError("--screen_spread draws screened images at random: add --recovery screen, or drop it")

@@ -63,7 +63,7 @@ def test_recipes_are_presets_under_presets_and_explicit_flags(tmp_path):
     assert config.load_preset("faithful", config.RECIPE_DIR) == {}            # the defaults as they are
     improved = config.load_preset("improved", config.RECIPE_DIR)
     assert improved == {"init": "torch", "keep_best": "image", "api_output": "probs", "recovery": "screen",
-                        "screen_candidates": 210}
+                        "screen_candidates": 210, "screen_prior": "textured"}
     assert parse_args([]).init == "original" and parse_args([]).recipe == "faithful"
     cfg = parse_args(["--recipe", "improved"])
     assert {k: getattr(cfg, k) for k in improved} == improved and cfg.recipe == "improved"

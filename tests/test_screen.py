@@ -45,12 +45,6 @@ def test_the_textured_prior_adds_texture_and_noise_and_leaves_the_plain_prior_as
     assert edges(tex) > 3 * edges(plain)
 
 
-def test_the_textured_prior_is_refused_without_screening():
-    with pytest.raises(FlagError, match="--screen_prior textured"):
-        check(Config(dataset="demo", screen_prior="textured"))
-    check(Config(dataset="demo", recovery="screen", screen_prior="textured"))
-
-
 def _screen(api, per_class=3, candidates=40, spread=1, **kw):
     cfg = Config(ZO=True, q=4, generate_iterations=2, recovery="screen", screen_candidates=candidates,
                  screen_spread=spread)
