@@ -73,9 +73,10 @@ ROWS = {
                              "--query_budget", "756900", "--screen_memory", "60"], "faithful"),
     # many cheap visits with no budget: 50 candidates per image (5,100 queries a visit), a visit whenever a
     # meta-batch does not improve: at most 100 visits in a 400-task demo run, 510,000 queries
-    "improved_screen_frequent": (["--recipe", "improved", "--recovery", "screen", "--screen_candidates", "50",
-                                  "--generate_interval", "1"], "faithful"),
-    "improved_kl": (["--recipe", "improved", "--kd_loss", "kl"], "faithful"),
+    "improved_screen_frequent": (["--init", "torch", "--keep_best", "image", "--api_output", "probs", "--recovery",
+                                  "screen", "--screen_candidates", "50", "--generate_interval", "1"], "faithful"),
+    "improved_kl": (["--init", "torch", "--keep_best", "image", "--api_output", "probs", "--recovery", "screen",
+                     "--screen_candidates", "210", "--kd_loss", "kl"], "faithful"),
     # the improved recipe's own ends of the gap: its untrained meta model, and MAML on the real meta-train images
     "improved_random_init": (["--recipe", "improved", "--baseline", "random_init"], "faithful"),
     "improved_maml_real": (["--recipe", "improved", "--baseline", "maml_real"], "faithful"),

@@ -17,7 +17,9 @@ The prior is the dead-leaves model of natural images: a random background colour
 squares of random colours, dropped one over the other, their radii of density ∝ 1/r² (small leaves far
 more common than large ones, as the objects of natural images). It carries no shape, texture or class
 of any dataset; a meta model trained on what the API picks out of it sees colour regions, edges and
-occlusion instead of the inversion's patterns.
+occlusion instead of the inversion's patterns. --screen_prior textured (B24) fills each leaf with stripes
+or a checkerboard of two random colours (or one colour) and adds pixel noise, so textures join colours.
+--screen_spread k (B25) draws each class's images at random from its k x per_class best candidates.
 """
 from __future__ import annotations
 
@@ -125,8 +127,7 @@ def screen(api, per_class: int, cfg: Config, *, student=None, adv: float = 0.0,
         for c in range(way):
             chosen = [j for j, i in enumerate(ranked[c]) if i not in taken][:pool]
             if pool > count:
-                pick = torch.randperm(len(chosen), generator=generator, device=generator.device if generator
-                                      is not None else "cpu")[:count]
+                pick = torch.randperm(len(chosen), generator=generator, device=device)[:count]
                 chosen = [chosen[k] for k in sorted(pick.tolist())]
             taken.update(ranked[c][j] for j in chosen)
             out.append(best_x[c, chosen])
