@@ -336,7 +336,8 @@ def _gap_table(A: dict, family, prefix: str) -> str:
             cells.append(f"{acc(r)}, {100 * g:.1f}%, {q}")
         if not closed:
             continue
-        flags = f"`{next(iter(mine.values()))['flags']}`" if next(iter(mine.values()))["flags"] else "(defaults)"
+        given = next(iter(mine.values()))["flags"]
+        flags = f"`{given}`" if given else "(defaults)"
         mean = f"{100 * sum(closed) / len(closed):.1f}% ({len(closed)} seed{'s' * (len(closed) > 1)})"
         lines.append(f"| {name} | {flags} | " + " | ".join(cells) + f" | {mean} |")
     return "\n".join(lines)

@@ -57,9 +57,9 @@ def check(cfg: Config) -> None:
     # (--screen_candidates and --screen_prior may come from a recipe: inversion ignores them)
     if cfg.recovery != "screen" and cfg.screen_memory:
         raise FlagError("--screen_memory hands the memory more screened images: add --recovery screen, or drop it")
-    per_image = screen_candidates(cfg)
     if cfg.recovery != "screen" and cfg.screen_spread > 1:
         raise FlagError("--screen_spread draws screened images at random: add --recovery screen, or drop it")
+    per_image = screen_candidates(cfg)
     if cfg.recovery == "screen" and per_image < cfg.screen_spread:
         raise FlagError(f"--screen_spread {cfg.screen_spread} draws from more candidates than the {per_image} screened "
                         "per image; lower it or raise --screen_candidates")

@@ -284,7 +284,8 @@ class TaskMemory:
 class BatchCounts:
     """How many images each class's ring buffer would hold: TaskMemory's bookkeeping without the
     pixels. A meta-batch's API visits are planned with it (each visit adds a support and a query
-    batch, and --screen_memory's spares, to each of its API's classes) before any of them runs, identically on every process."""
+    batch, and --screen_memory's spares, to each of its API's classes) before any of them runs,
+    identically on every process."""
 
     def __init__(self, max_batch_per_class: int, sizes: dict[int, list[int]]):
         self._sizes = {c: deque(s, maxlen=max_batch_per_class) for c, s in sizes.items()}

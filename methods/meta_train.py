@@ -239,8 +239,9 @@ def plan_meta_batch(run: Run, ids: list[int]) -> list:
     """Per task, (the API entry it visits, the task's rng after that draw), or None for a replay task; the
     same on every process. A task visits an API when the trigger asked for one (the first task after it)
     or while the memory cannot yet supply a replay task, within the query budget. A visit adds a support
-    and a query batch (and --screen_memory's spares: memory_batches) to each of its API's classes and costs visit_cost(cfg) queries, so whether the
-    memory can supply a task is known before any visit runs: a meta-batch's visits come first."""
+    and a query batch (and --screen_memory's spares: memory_batches) to each of its API's classes and costs
+    visit_cost(cfg) queries, so whether the memory can supply a task is known before any visit runs: a
+    meta-batch's visits come first."""
     cfg, s = run.cfg, run.state
     if run.real is not None:
         return [None] * len(ids)
