@@ -97,6 +97,17 @@ ROWS = {
     # the faithful default's own ends of the random-to-real gap (the original's initialisation)
     "faithful_random_init": (["--baseline", "random_init"], "faithful"),
     "faithful_maml_real": (["--baseline", "maml_real"], "faithful"),
+    # replay twice as long: 800 tasks, the visits capped at the fewest queries a faithful demo run spent (seed
+    # 2023's, 9 visits), so the 400 tasks past the cap replay the memory only; and the same for the faithful
+    # default and for MAML on the real images (the gap's end at 800 tasks)
+    "screen_textured_long": (["--recovery", "screen", "--screen_prior", "textured", "--episode_train", "800",
+                              "--query_budget", "756900"], "faithful"),
+    "faithful_long": (["--episode_train", "800", "--query_budget", "756900"], "faithful"),
+    "faithful_maml_real_long": (["--baseline", "maml_real", "--episode_train", "800"], "faithful"),
+    # the improved recipe replaying twice as long, its visits capped at the most its 400-task runs spent
+    "improved_long": (["--recipe", "improved", "--episode_train", "800", "--query_budget", "232100"], "faithful"),
+    "improved_maml_real_long": (["--recipe", "improved", "--baseline", "maml_real", "--episode_train", "800"],
+                                "faithful"),
     "before_faithful_switches": (["--kd_loss", "kl", "--keep_best", "image", "--api_output", "probs",
                                   "--memory_quantize", "round"], "faithful"),
 }

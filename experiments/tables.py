@@ -296,16 +296,22 @@ def ablation_additions_means(R: dict) -> str:
     return "\n".join(lines)
 
 
+def long(name: str) -> bool:
+    """A row of 800 tasks (B26): on a gap of its own length, in the replay-long table only."""
+    return name.endswith("_long")
+
+
 def improved_gap(R: dict) -> str:
     """The improved recipe's rows on its own random-to-real gap, per seed and as a mean over seeds, with
     their queries against the faithful row's of the same seed (results/ablation_additions.json)."""
-    return _gap_table(R["ablation_additions"], lambda name: name.startswith("improved"), "improved")
+    return _gap_table(R["ablation_additions"], lambda name: name.startswith("improved") and not long(name), "improved")
 
 
 def faithful_gap(R: dict) -> str:
     """The faithful default and the screening rows on the original's initialisation, on that initialisation's
     random-to-real gap (the faithful_random_init and faithful_maml_real rows)."""
-    return _gap_table(R["ablation_additions"], lambda name: name.startswith(("faithful", "screen")), "faithful")
+    return _gap_table(R["ablation_additions"], lambda name: name.startswith(("faithful", "screen")) and not long(name),
+                      "faithful")
 
 
 def _gap_table(A: dict, family, prefix: str) -> str:
@@ -345,7 +351,7 @@ def _gap_table(A: dict, family, prefix: str) -> str:
 
 def faithful_plus4(R: dict) -> str:
     """One line per seed with the original initialisation's gap ends: the share of that gap the faithful row
-    closes, the share 4 points more would close, and the best screening row's share on that seed."""
+    closes, the share 4 points more would close, and the best 400-task screening row's share on that seed."""
     A = R["ablation_additions"]
     by = {(r["row"], r["seed"]): r for r in A["rows"]}
     seeds = sorted(s for (row, s) in by if row == "faithful" and ("faithful_random_init", s) in by
@@ -353,12 +359,68 @@ def faithful_plus4(R: dict) -> str:
     parts = []
     for s in seeds:
         lo, hi, f = by[("faithful_random_init", s)]["acc"], by[("faithful_maml_real", s)]["acc"], by[("faithful", s)]
-        best = max((r for (row, seed), r in by.items() if seed == s and row.startswith("screen")),
+        best = max((r for (row, seed), r in by.items() if seed == s and row.startswith("screen") and not long(row)),
                    key=lambda r: r["acc"])
         parts.append(f"seed {s}: the faithful run closes {100 * gap_closed(f['acc'], lo, hi):.1f}%, 4 points more "
                      f"would close {100 * gap_closed(f['acc'] + 4, lo, hi):.1f}%, the best screening row "
                      f"(`{best['row']}`, {best['acc']:.2f}) closes {100 * gap_closed(best['acc'], lo, hi):.1f}%")
     return "; ".join(parts)
+
+
+def replay_long(R: dict) -> str:
+    """Per seed: the faithful default and textured screening at the demo's 400 tasks and at 800 tasks with the
+    visits capped (rows <name>_long), each the 1-shot accuracy and queries; the long screening row against both
+    faithful rows; MAML on the real images at 400 and 800 tasks (results/ablation_additions.json)."""
+    by = {(r["row"], r["seed"]): r for r in R["ablation_additions"]["rows"]}
+    seeds = sorted(s for (row, s) in by if row == "screen_textured_long")
+    names = ("faithful", "faithful_long", "screen_textured", "screen_textured_long")
+
+    def cell(name, s):
+        r = by.get((name, s))
+        chosen = f", model of task {r['chosen_task']}" if r is not None and "chosen_task" in r else ""
+        return "—" if r is None else f"{acc(r)}, {thousands(r['api_queries'])} q{chosen}"
+
+    def against(name, s):
+        r, b = by.get(("screen_textured_long", s)), by.get((name, s))
+        return "—" if b is None else vs(r, b)
+
+    def real(name, s):
+        r = by.get((name, s))
+        return "—" if r is None else acc(r)
+
+    def closed(name, s, real_row):
+        r, lo, hi = by.get((name, s)), by.get(("faithful_random_init", s)), by.get((real_row, s))
+        return "—" if None in (r, lo, hi) else percent(gap_closed(r["acc"], lo["acc"], hi["acc"]))
+    lines = ["| seed | " + " | ".join(f"{n} ({'800' if n.endswith('_long') else '400'} tasks)" for n in names)
+             + " | screen_textured_long vs faithful | vs faithful_long | MAML on real images, 400 / 800 tasks | "
+             "gap closed, 400 / 800 tasks (screen_textured / _long) |", "|---|" + "---|" * (len(names) + 4)]
+    for s in seeds:
+        lines.append(f"| {s} | " + " | ".join(cell(n, s) for n in names) + f" | {against('faithful', s)} | "
+                     f"{against('faithful_long', s)} | {real('faithful_maml_real', s)} / "
+                     f"{real('faithful_maml_real_long', s)} | {closed('screen_textured', s, 'faithful_maml_real')} / "
+                     f"{closed('screen_textured_long', s, 'faithful_maml_real_long')} |")
+    return "\n".join(lines)
+
+
+def replay_long_summary(R: dict) -> str:
+    """One line: per seed, screen_textured_long against the faithful default (points, intervals, queries)."""
+    by = {(r["row"], r["seed"]): r for r in R["ablation_additions"]["rows"]}
+    seeds = sorted(s for (row, s) in by if row == "screen_textured_long" and ("faithful", s) in by)
+    parts = []
+    for s in seeds:
+        r, f = by[("screen_textured_long", s)], by[("faithful", s)]
+        sep = "intervals apart" if apart(r["acc"], r["ci"], f["acc"], f["ci"]) else "intervals overlapping"
+        parts.append(f"{r['acc'] - f['acc']:+.2f} on seed {s} ({sep}; {thousands(r['api_queries'])} queries "
+                     f"against {thousands(f['api_queries'])})")
+    return "; ".join(parts) + ": " + replay_long_min(R)
+
+
+def replay_long_min(R: dict) -> str:
+    """The smallest gain of screen_textured_long over the faithful row of its seed, and the seeds run."""
+    by = {(r["row"], r["seed"]): r for r in R["ablation_additions"]["rows"]}
+    gains = [r["acc"] - by[("faithful", s)]["acc"] for (row, s), r in by.items()
+             if row == "screen_textured_long" and ("faithful", s) in by]
+    return f"at least {min(gains):+.2f} points on each of the {len(gains)} seeds run"
 
 
 def improved_gap_summary(R: dict) -> str:
@@ -793,6 +855,9 @@ GENERATORS = {
     "improved-gap-summary": ("ablation_additions", improved_gap_summary),
     "faithful-gap": ("ablation_additions", faithful_gap),
     "faithful-plus4": ("ablation_additions", faithful_plus4),
+    "replay-long": ("ablation_additions", replay_long),
+    "replay-long-summary": ("ablation_additions", replay_long_summary),
+    "replay-long-min": ("ablation_additions", replay_long_min),
     "fidelity": ("fidelity", fidelity),
     "fidelity-lowres": ("fidelity", fidelity_lowres),
     "recovery-quality": ("recovery_quality", recovery_quality),
