@@ -97,9 +97,9 @@ ROWS = {
     # the faithful default's own ends of the random-to-real gap (the original's initialisation)
     "faithful_random_init": (["--baseline", "random_init"], "faithful"),
     "faithful_maml_real": (["--baseline", "maml_real"], "faithful"),
-    # replay twice as long: 800 tasks, the visits capped at the fewest queries a faithful demo run spent (seed
-    # 2023's, 9 visits), so the 400 tasks past the cap replay the memory only; and the same for the faithful
-    # default and for MAML on the real images (the gap's end at 800 tasks)
+    # replaying past the visits (B26): 800 tasks, the visits capped at the fewest queries a faithful demo run
+    # spent (seed 2023's, 9 visits), so every task past the cap replays the memory; the same for the faithful
+    # default, and MAML on the real images for 800 tasks (the gap's end at that length)
     "screen_textured_long": (["--recovery", "screen", "--screen_prior", "textured", "--episode_train", "800",
                               "--query_budget", "756900"], "faithful"),
     "faithful_long": (["--episode_train", "800", "--query_budget", "756900"], "faithful"),
