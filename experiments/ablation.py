@@ -103,6 +103,7 @@ ROWS = {
     "screen_textured_long": (["--recovery", "screen", "--screen_prior", "textured", "--episode_train", "800",
                               "--query_budget", "756900"], "faithful"),
     "faithful_long": (["--episode_train", "800", "--query_budget", "756900"], "faithful"),
+    "screen_long": (["--recovery", "screen", "--episode_train", "800", "--query_budget", "756900"], "faithful"),
     "faithful_maml_real_long": (["--baseline", "maml_real", "--episode_train", "800"], "faithful"),
     # the improved recipe replaying twice as long, its visits capped at the most its 400-task runs spent
     "improved_long": (["--recipe", "improved", "--episode_train", "800", "--query_budget", "232100"], "faithful"),

@@ -373,6 +373,11 @@ def replay_long(R: dict) -> str:
     return _long_table(R["ablation_additions"], "screen_textured", ("faithful", "faithful_long"), "faithful")
 
 
+def replay_long_flat(R: dict) -> str:
+    """The same with flat-leaves screening (B22's prior)."""
+    return _long_table(R["ablation_additions"], "screen", ("faithful", "faithful_long"), "faithful")
+
+
 def replay_long_improved(R: dict) -> str:
     """The improved recipe at 400 and 800 tasks, on its own initialisation."""
     return _long_table(R["ablation_additions"], "improved", (), "improved")
@@ -865,6 +870,7 @@ GENERATORS = {
     "faithful-gap": ("ablation_additions", faithful_gap),
     "faithful-plus4": ("ablation_additions", faithful_plus4),
     "replay-long": ("ablation_additions", replay_long),
+    "replay-long-flat": ("ablation_additions", replay_long_flat),
     "replay-long-improved": ("ablation_additions", replay_long_improved),
     "replay-long-summary": ("ablation_additions", replay_long_summary),
     "replay-long-min": ("ablation_additions", replay_long_min),
