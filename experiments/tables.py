@@ -217,6 +217,11 @@ def demo_other_kernels(R: dict) -> str:
 
 
 # ------------------------------------------------------------------ the ablation (docs/differences.md)
+def by_row_seed(A: dict) -> dict:
+    """An ablation result file's rows by (row name, seed)."""
+    return {(r["row"], r["seed"]): r for r in A["rows"]}
+
+
 def _ablation_base(A: dict) -> dict:
     return next(r for r in A["rows"] if r["row"] == A["baseline"])
 
@@ -353,7 +358,7 @@ def faithful_plus4(R: dict) -> str:
     """One line per seed with the original initialisation's gap ends: the share of that gap the faithful row
     closes, the share 4 points more would close, and the best 400-task screening row's share on that seed."""
     A = R["ablation_additions"]
-    by = {(r["row"], r["seed"]): r for r in A["rows"]}
+    by = by_row_seed(A)
     seeds = sorted(s for (row, s) in by if row == "faithful" and ("faithful_random_init", s) in by
                    and ("faithful_maml_real", s) in by)
     parts = []
@@ -387,7 +392,7 @@ def _long_table(A: dict, row: str, bases: tuple, ends: str) -> str:
     """Per seed the rows `bases`, `row` and `row`_long: 1-shot accuracy, queries and the task of the model chosen;
     `row`_long against each base; MAML on the real images at 400 and 800 tasks (<ends>_maml_real[_long]); the
     share of the gap from <ends>_random_init closed by `row` and `row`_long, each on the gap of its length."""
-    by = {(r["row"], r["seed"]): r for r in A["rows"]}
+    by = by_row_seed(A)
     long_row = f"{row}_long"
     seeds = sorted(s for (name, s) in by if name == long_row)
     names = (*bases, row, long_row)
@@ -418,7 +423,7 @@ def _long_table(A: dict, row: str, bases: tuple, ends: str) -> str:
 
 def replay_long_summary(R: dict) -> str:
     """One line: per seed, screen_textured_long against the faithful default (points, intervals, queries)."""
-    by = {(r["row"], r["seed"]): r for r in R["ablation_additions"]["rows"]}
+    by = by_row_seed(R["ablation_additions"])
     seeds = sorted(s for (row, s) in by if row == "screen_textured_long" and ("faithful", s) in by)
     parts = []
     for s in seeds:
@@ -431,7 +436,7 @@ def replay_long_summary(R: dict) -> str:
 
 def replay_long_min(R: dict) -> str:
     """The smallest gain of screen_textured_long over the faithful row of its seed, and the seeds run."""
-    by = {(r["row"], r["seed"]): r for r in R["ablation_additions"]["rows"]}
+    by = by_row_seed(R["ablation_additions"])
     gains = [r["acc"] - by[("faithful", s)]["acc"] for (row, s), r in by.items()
              if row == "screen_textured_long" and ("faithful", s) in by]
     return f"at least {min(gains):+.2f} points on each of the {len(gains)} seeds run"
@@ -441,7 +446,7 @@ def improved_gap_summary(R: dict) -> str:
     """One line: the recipe's (row `improved`) gap closed per seed, its mean, and its queries against the faithful
     rows' (results/ablation_additions.json)."""
     A = R["ablation_additions"]
-    by = {(r["row"], r["seed"]): r for r in A["rows"]}
+    by = by_row_seed(A)
     seeds = sorted(s for (row, s) in by if row == "improved" and ("improved_random_init", s) in by
                    and ("improved_maml_real", s) in by)
     g = {s: gap_closed(by[("improved", s)]["acc"], by[("improved_random_init", s)]["acc"],
