@@ -442,6 +442,19 @@ def replay_long_min(R: dict) -> str:
     return f"at least {min(gains):+.2f} points on each of the {len(gains)} seeds run"
 
 
+def replay_long_seconds(R: dict) -> str:
+    """The training seconds (and visits) of the 800-task textured-screening runs against the 400-task ones."""
+    rows = R["ablation_additions"]["rows"]
+
+    def span(name):
+        mine = [r for r in rows if r["row"] == name]
+        v = sorted({r["api_visits"] for r in mine})
+        t = [r["train_seconds"] for r in mine]
+        visits = f"{v[0]} visits" if len(v) == 1 else f"{v[0]} to {v[-1]} visits"
+        return f"({visits}) trained in {min(t):.0f} to {max(t):.0f} s"
+    return f"the 800-task screening runs {span('screen_textured_long')}, the 400-task ones {span('screen_textured')}"
+
+
 def improved_gap_summary(R: dict) -> str:
     """One line: the recipe's (row `improved`) gap closed per seed, its mean, and its queries against the faithful
     rows' (results/ablation_additions.json)."""
@@ -879,6 +892,7 @@ GENERATORS = {
     "replay-long-improved": ("ablation_additions", replay_long_improved),
     "replay-long-summary": ("ablation_additions", replay_long_summary),
     "replay-long-min": ("ablation_additions", replay_long_min),
+    "replay-long-seconds": ("ablation_additions", replay_long_seconds),
     "fidelity": ("fidelity", fidelity),
     "fidelity-lowres": ("fidelity", fidelity_lowres),
     "recovery-quality": ("recovery_quality", recovery_quality),
